@@ -1,0 +1,13 @@
+"""Layers shared by the image encoder and the decoders."""
+from .ms_deform_attn import check_ms_deform_attn_inputs, ms_deform_attn, ms_deform_attn_reference
+from .ms_deform_attn_backend import BACKENDS, resolve_backend
+from .ms_deform_attn_module import MSDeformAttn
+
+__all__ = [
+    "BACKENDS",
+    "MSDeformAttn",
+    "check_ms_deform_attn_inputs",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "resolve_backend",
+]

@@ -1,0 +1,311 @@
+"""The multi-scale deformable attention op: every backend against the pure-PyTorch reference,
+determinism of the CPU backward, degenerate locations, bad inputs, backend selection."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unip_v2.layers import ms_deform_attn, ms_deform_attn_reference
+from unip_v2.layers import ms_deform_attn_backend as backend_mod
+
+COMPILED = [b for b in ("cpu", "cuda") if backend_mod._has_compiled(b)]
+DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def make_inputs(N=2, shapes=((6, 4), (3, 2)), M=2, D=5, Lq=7, P=3, dtype=torch.float32,
+                device="cpu", outside=0.2, seed=0):
+    """Random op inputs; about `outside` of the locations fall outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.tensor(shapes, dtype=torch.long)
+    starts = torch.cat([ss.new_zeros(1), (ss[:, 0] * ss[:, 1]).cumsum(0)[:-1]])
+    S, L = int((ss[:, 0] * ss[:, 1]).sum()), len(shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64)
+    # stretch a fraction of the locations beyond the map: partly and wholly outside
+    far = torch.rand(N, Lq, M, L, P, 1, generator=g, dtype=torch.float64) < outside
+    loc = torch.where(far, loc * 1.6 - 0.3, loc)
+    weights = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+    floats = [t.to(device=device, dtype=dtype) for t in (value, loc, weights)]
+    return floats[0], ss.to(device), starts.to(device), floats[1], floats[2]
+
+
+# (N, shapes, M, D, Lq, P): batch > 1, one level, non-square levels, D not a multiple of 8,
+# D spanning the vector paths (16, 32, 40, 64), many points outside the map.
+CASES = [
+    (1, ((6, 4), (3, 2)), 2, 2, 2, 2),
+    (3, ((5, 7),), 3, 7, 11, 4),
+    (2, ((9, 13), (5, 7), (3, 4), (2, 2)), 4, 13, 17, 3),
+    (2, ((8, 8), (4, 4), (2, 2)), 8, 32, 33, 4),
+    (1, ((7, 5), (4, 3)), 2, 40, 9, 2),
+    (2, ((4, 6), (1, 1), (2, 3)), 1, 64, 5, 5),
+    (2, ((3, 17), (11, 2)), 2, 16, 6, 1),
+]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_matches_reference(backend, case):
+    N, shapes, M, D, Lq, P = case
+    inputs = make_inputs(N, shapes, M, D, Lq, P, device=DEVICE_OF[backend], outside=0.3)
+    value, ss, starts, loc, w = [t.requires_grad_() if t.is_floating_point() else t
+                                 for t in inputs]
+    grad_out = torch.randn(N, Lq, M * D, device=value.device)
+    results = []
+    for b in (backend, "reference"):
+        out = ms_deform_attn(value, ss, starts, loc, w, backend=b)
+        grads = torch.autograd.grad(out, (value, loc, w), grad_out)
+        results.append((out, *grads))
+    assert_same_results(results[0], results[1], ss, atol=1e-5)
+
+
+def per_pixel(grad_locations, spatial_shapes):
+    """d/d(location) = (W, H) * d/d(pixel coordinate): divide the level size out so that
+    fp32 rounding, which grows with it, is compared at unit scale."""
+    size_wh = spatial_shapes.flip(-1).to(grad_locations)  # (L, 2) as (W, H)
+    return grad_locations / size_wh[:, None, :]
+
+
+def assert_same_results(mine, ref, spatial_shapes, atol, rtol=0.0):
+    """mine, ref: (output, grad_value, grad_locations, grad_weights)."""
+    names = ("output", "grad_value", "grad_locations per pixel", "grad_weights")
+    for name, a, b in zip(names, mine, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name.startswith("grad_locations"):
+            a, b = per_pixel(a, spatial_shapes), per_pixel(b, spatial_shapes)
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("case", CASES[:3])
+def test_fp64_gradcheck(backend, case):
+    N, shapes, M, D, Lq, P = case
+    value, ss, starts, loc, w = make_inputs(N, shapes, M, min(D, 4), min(Lq, 4), P,
+                                            dtype=torch.float64, device=DEVICE_OF[backend])
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: ms_deform_attn(v, ss, starts, l, a, backend=backend), inputs)
+
+
+def test_reference_gradcheck():
+    value, ss, starts, loc, w = make_inputs(1, ((4, 3), (2, 2)), 2, 3, 3, 2, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: ms_deform_attn_reference(v, ss, starts, l, a), inputs)
+
+
+def test_reference_is_grid_sample_of_one_point():
+    """Independent check of the reference itself: one head, one level, one point, weight 1
+    reads the bilinear interpolation at pixel (x * W - 0.5, y * H - 0.5)."""
+    H, W = 3, 4
+    value = torch.arange(H * W, dtype=torch.float64).view(1, H * W, 1, 1)
+    ss = torch.tensor([[H, W]])
+    starts = torch.tensor([0])
+    x, y = 1.25, 1.5  # pixel coordinates
+    loc = torch.tensor([(x + 0.5) / W, (y + 0.5) / H], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    out = ms_deform_attn_reference(value, ss, starts, loc, w)
+    expected = y * W + x  # value is linear in the pixel index, so bilinear is exact
+    assert out.item() == pytest.approx(expected)
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
+def test_cpu_backward_is_deterministic():
+    value, ss, starts, loc, w = make_inputs(2, ((16, 12), (8, 6), (4, 3)), 8, 32, 300, 4)
+    grad_out = torch.randn(2, 300, 8 * 32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (value, loc, w)]
+        out = ms_deform_attn(leaves[0], ss, starts, leaves[1], leaves[2], backend="cpu")
+        runs.append(torch.autograd.grad(out, leaves, grad_out))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_cpu_instruction_set_paths(isa):
+    """Each vector code path of the CPU kernel (chosen once per process) matches the
+    reference; UNIP_V2_CPU_ISA caps the path, so each runs in a fresh interpreter."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_ms_deform_attn_op import CASES, assert_same_results, make_inputs
+from unip_v2.layers import ms_deform_attn, ms_deform_attn_reference
+for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+    for N, shapes, M, D, Lq, P in CASES:
+        ins = [t.requires_grad_() if t.is_floating_point() else t
+               for t in make_inputs(N, shapes, M, D, Lq, P, dtype=dtype)]
+        g = torch.randn(N, Lq, M * D, dtype=dtype)
+        a = ms_deform_attn(*ins, backend="cpu"); b = ms_deform_attn_reference(*ins)
+        ga = torch.autograd.grad(a, (ins[0], ins[3], ins[4]), g)
+        gb = torch.autograd.grad(b, (ins[0], ins[3], ins[4]), g)
+        assert_same_results((a, *ga), (b, *gb), ins[1], atol=atol)
+print("ok")
+"""
+    env = dict(os.environ, UNIP_V2_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision(backend, dtype):
+    """fp16 / bf16 accumulate in fp32: the result matches the fp32 reference run on the
+    same (rounded) inputs up to the output's rounding."""
+    inputs = make_inputs(2, ((8, 6), (4, 3)), 4, 32, 20, 4, dtype=dtype,
+                         device=DEVICE_OF[backend])
+    value, ss, starts, loc, w = [t.requires_grad_() if t.is_floating_point() else t
+                                 for t in inputs]
+    grad_out = torch.randn(2, 20, 128, device=value.device).to(dtype)
+    out = ms_deform_attn(value, ss, starts, loc, w, backend=backend)
+    grads = torch.autograd.grad(out, (value, loc, w), grad_out)
+    ref_in = [t.detach().float().requires_grad_() for t in (value, loc, w)]
+    ref = ms_deform_attn_reference(ref_in[0], ss, starts, ref_in[1], ref_in[2])
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.float())
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine.float(), theirs, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", COMPILED + ["reference"])
+def test_nonfinite_and_far_locations_sample_zeros(backend):
+    device = DEVICE_OF.get(backend, "cpu")
+    value, ss, starts, loc, w = make_inputs(1, ((5, 4), (3, 2)), 2, 6, 5, 2, device=device)
+    bad = [float("nan"), float("inf"), -float("inf"), -5.0, 7.0]
+    loc = loc.clone()
+    for q, x in enumerate(bad):
+        loc[0, q, :, :, :, q % 2] = x  # one coordinate non-finite or far outside
+    leaves = [t.requires_grad_() for t in (value, loc, w)]
+    out = ms_deform_attn(leaves[0], ss, starts, leaves[1], leaves[2], backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", COMPILED + ["reference"])
+def test_empty_queries(backend):
+    device = DEVICE_OF.get(backend, "cpu")
+    value, ss, starts, loc, w = make_inputs(2, ((3, 3),), 2, 4, 0, 2, device=device)
+    out = ms_deform_attn(value, ss, starts, loc, w, backend=backend)
+    assert out.shape == (2, 0, 8)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _good():
+    return dict(zip(("value", "spatial_shapes", "level_start_index", "sampling_locations",
+                     "attention_weights"), make_inputs(2, ((4, 3), (2, 2)), 2, 5, 6, 3)))
+
+
+def _bad_cases():
+    yield "value rank", dict(value=torch.zeros(2, 16, 10)), "value", "(2, 16, 10)"
+    yield "batch mismatch", dict(sampling_locations=torch.zeros(3, 6, 2, 2, 3, 2)), \
+        "sampling_locations", "(3, 6, 2, 2, 3, 2)"
+    yield "heads mismatch", dict(attention_weights=torch.zeros(2, 6, 3, 2, 3)), \
+        "attention_weights", "(2, 6, 3, 2, 3)"
+    yield "levels mismatch", dict(spatial_shapes=torch.tensor([[4, 4]]),
+                                  level_start_index=torch.tensor([0])), \
+        "sampling_locations", "(2, 6, 2, 2, 3, 2)"
+    yield "points mismatch", dict(attention_weights=torch.zeros(2, 6, 2, 2, 4)), \
+        "attention_weights", "(2, 6, 2, 2, 4)"
+    yield "integer value", dict(value=torch.zeros(2, 16, 2, 5, dtype=torch.int64)), \
+        "value", "(2, 16, 2, 5)"
+    yield "mixed float dtypes", dict(sampling_locations=torch.zeros(2, 6, 2, 2, 3, 2,
+                                                                    dtype=torch.float64)), \
+        "sampling_locations", "(2, 6, 2, 2, 3, 2)"
+    yield "int32 shapes", dict(spatial_shapes=torch.tensor([[4, 3], [2, 2]], dtype=torch.int32)), \
+        "spatial_shapes", "(2, 2)"
+    yield "shapes not (L, 2)", dict(spatial_shapes=torch.tensor([[4, 3, 1], [2, 2, 1]])), \
+        "spatial_shapes", "(2, 3)"
+    yield "start index wrong", dict(level_start_index=torch.tensor([0, 11])), \
+        "level_start_index", "[0, 11]"
+    yield "start index length", dict(level_start_index=torch.tensor([0, 12, 16])), \
+        "level_start_index", "(3,)"
+    yield "S mismatch", dict(value=torch.zeros(2, 17, 2, 5)), "value", "(2, 17, 2, 5)"
+    yield "negative shape", dict(spatial_shapes=torch.tensor([[-4, 3], [2, 2]])), \
+        "spatial_shapes", "(-4, 3)"
+    yield "non-contiguous", dict(value=torch.zeros(2, 5, 2, 16).transpose(1, 3)), \
+        "value", "(2, 16, 2, 5)"
+    yield "device mismatch", dict(attention_weights=torch.zeros(2, 6, 2, 2, 3, device="meta")), \
+        "attention_weights", "(2, 6, 2, 2, 3)"
+    yield "not a tensor", dict(value=[[1.0]]), "value", ""
+
+
+@pytest.mark.parametrize("label,override,name,shape", list(_bad_cases()),
+                         ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises_with_tensor_and_shape(label, override, name, shape):
+    """The checks run before any backend is chosen, so one backend covers them all."""
+    args = _good()
+    args.update(override)
+    with pytest.raises((ValueError, TypeError)) as info:
+        ms_deform_attn(**args)
+    message = str(info.value)
+    assert name in message and shape in message, message
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
+def test_compiled_entry_points_check_their_inputs():
+    """Calling the extension directly with bad input raises instead of reading out of
+    bounds (the Python face is not the only guard)."""
+    ops = backend_mod.compiled_ops()
+    args = _good()
+    value, ss, starts, loc, w = args.values()
+    with pytest.raises(RuntimeError, match="level_start_index"):
+        ops.ms_deform_attn_forward(value, ss, torch.tensor([0, 13]), loc, w)
+    with pytest.raises(RuntimeError, match="S = 16"):
+        ops.ms_deform_attn_forward(value, torch.tensor([[4, 3], [3, 2]]), starts, loc, w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.ms_deform_attn_forward(value.transpose(0, 1), ss, starts, loc, w)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        ops.ms_deform_attn_backward(value, ss, starts, loc, w, torch.zeros(2, 6, 7))
+
+
+# ----------------------------------------------------------------------- backend choice
+
+def test_env_var_overrides_backend(monkeypatch):
+    value, ss, starts, loc, w = make_inputs()
+    monkeypatch.setenv(backend_mod.ENV_VAR, "reference")
+    assert backend_mod.resolve_backend("cpu", value.device) == "reference"
+    monkeypatch.setenv(backend_mod.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        ms_deform_attn(value, ss, starts, loc, w)
+
+
+def test_unknown_or_impossible_backend_raises(monkeypatch):
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    value, ss, starts, loc, w = make_inputs()
+    with pytest.raises(ValueError, match="unknown backend"):
+        ms_deform_attn(value, ss, starts, loc, w, backend="triton")
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        ms_deform_attn(value, ss, starts, loc, w, backend="cuda")
+
+
+def test_auto_prefers_compiled(monkeypatch):
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    expected = "cpu" if "cpu" in COMPILED else "reference"
+    assert backend_mod.resolve_backend("auto", torch.device("cpu")) == expected
+    assert backend_mod.resolve_backend(None, torch.device("cpu")) == expected
+
+
+def test_missing_compiled_backend_warns_once_and_explicit_request_fails(monkeypatch, caplog):
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend_mod, "_compiled", None)
+    monkeypatch.setattr(backend_mod, "_compiled_error", ImportError("simulated"))
+    monkeypatch.setattr(backend_mod, "_warned", set())
+    value, ss, starts, loc, w = make_inputs()
+    with caplog.at_level(logging.WARNING, logger=backend_mod.__name__):
+        out1 = ms_deform_attn(value, ss, starts, loc, w)
+        out2 = ms_deform_attn(value, ss, starts, loc, w)
+    warnings = [r for r in caplog.records if "pure-PyTorch reference" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
+    torch.testing.assert_close(out1, ms_deform_attn_reference(value, ss, starts, loc, w))
+    assert torch.equal(out1, out2)
+    with pytest.raises(RuntimeError, match="not available"):
+        ms_deform_attn(value, ss, starts, loc, w, backend="cpu")
