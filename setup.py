@@ -59,7 +59,7 @@ def get_extensions():
     depends = sorted(glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True))
     # -fopenmp: ATen's parallel_for is an inline OpenMP region, so the extension itself must
     # be compiled with OpenMP for the CPU kernels to use more than one thread.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]}
     extra_link_args = ["-fopenmp"]
     define_macros = []
     extension = CppExtension

@@ -10,9 +10,9 @@ points within half the box). One stress row reads uniformly random locations (no
 locality at all), so the worst case is visible too.
 
 Each backend is timed in this run against the pure-PyTorch reference on the same inputs:
-median of `--repeats` runs after a warm-up. Peak memory is the extra memory one call needs:
-on CUDA from the allocator's peak; on CPU the growth of the peak resident set of a fresh
-process running one call (inputs excluded).
+median of `--repeats` runs after a warm-up. Peak memory is the extra memory one call needs
+(inputs excluded): on CUDA from the allocator's peak; on CPU the growth of the peak resident
+set (VmHWM, reset through /proc/self/clear_refs) of a fresh process during one call.
 
     python benchmarks/ms_deform_attn.py [--repeats 5] [--device cpu|cuda|all] [--skip-memory]
 """
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -117,24 +116,34 @@ def peak_mb(row, backend, mode, device):
     # CPU: a fresh process, so the peak RSS is this one call's.
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, str(side), str(lq),
            backend, mode]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed mmap threshold: every large block is a fresh mapping, returned on free, so the
+    # resident set sees each allocation (glibc's dynamic threshold would otherwise serve it
+    # from heap memory that building the inputs left resident).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(kind, side, lq, backend, mode):
-    """Entry point of the memory subprocess: one call, report peak RSS growth."""
+    """Entry point of the memory subprocess: one call, report its peak RSS growth."""
     problem = make_problem(kind, int(side), None if lq == "None" else int(lq), "cpu")
-    before = rss_mb()
+    # No warm-up: memory freed by a first call stays in the allocator and would hide the
+    # second call's allocations from the resident set.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = _status_mb("VmRSS")
     run_once(backend, problem, mode)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
-    print(json.dumps({"peak_mb": max(peak - before, 0.0)}))
+    print(json.dumps({"peak_mb": max(_status_mb("VmHWM") - before, 0.0)}))
 
 
 ROWS = [("encoder", 512, None), ("encoder", 800, None), ("decoder", 800, 300),

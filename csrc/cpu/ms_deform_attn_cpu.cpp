@@ -29,7 +29,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define UNIP_V2_X86_MULTIVERSION 1
 #define UNIP_V2_INLINE inline __attribute__((always_inline))
-#define UNIP_V2_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define UNIP_V2_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define UNIP_V2_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define UNIP_V2_X86_MULTIVERSION 0
@@ -265,6 +265,14 @@ struct LevelTable {
   }
 };
 
+// Lane-wise select by a 0 / -1 mask, written with bitwise ops: GCC turns the vector ternary
+// on 64-bit lanes into a per-lane scalar branch, this stays a few vector instructions.
+template <typename V, typename M>
+UNIP_V2_INLINE V blend(const M& mask, const V& yes, const V& no) {
+  static_assert(sizeof(V) == sizeof(M), "mask and value vectors must have the same size");
+  return (V)(((M)yes & mask) | ((M)no & ~mask));
+}
+
 template <typename V>
 UNIP_V2_INLINE V vload_any(const void* p) {
   V v;
@@ -275,65 +283,98 @@ UNIP_V2_INLINE V vload_any(const void* p) {
 // Corners of samples [j0, j0 + kLanes) of one (query, head) into ptr[4 * kLanes] and
 // coef[4 * kLanes] (corner-major). loc: the (x, y) pairs of those samples; attn: their
 // weights; n_valid: how many of the lanes are real samples (the rest are padding).
-template <typename T>
+//
+// The body is stamped out once per instruction set with that set's target attribute: GCC
+// lowers generic vector comparisons for the target of the function they are written in,
+// so a helper without the attribute gets scalar compares even when inlined into an
+// AVX-512 caller (measured: 16 vcomiss + seta per comparison). Not always_inline: GCC
+// refuses to force a callee with more target features into a default-target caller; one
+// call per 16 samples costs nothing measurable.
+#define UNIP_V2_CORNERS_OF_LANES(NAME, TARGET)                                                   \
+  template <typename T>                                                                           \
+  TARGET inline void NAME(const LevelTable<T>& lv, int64_t j0, const T* loc,                      \
+                                  const T* attn, int64_t n_valid, const T* value_base,            \
+                                  const T* zero_row, int64_t row, const T** ptr, T* coef)         \
+{                                                                                                  \
+  using LT = LaneTypes<T>;                                                                         \
+  using real = typename LT::real;                                                                  \
+  using i32 = typename LT::i32;                                                                    \
+  using i64 = typename LT::i64;                                                                    \
+  real lx, ly, aw;                                                                                 \
+  if (n_valid == kLanes) {                                                                         \
+    const real even = vload_any<real>(loc), odd = vload_any<real>(loc + kLanes);                   \
+    lx = __builtin_shufflevector(even, odd, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); \
+    ly = __builtin_shufflevector(even, odd, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31); \
+    aw = vload_any<real>(attn);                                                                    \
+  } else {                                                                                         \
+    for (int j = 0; j < kLanes; ++j) {                                                             \
+      lx[j] = j < n_valid ? loc[2 * j] : T(-8);                                                    \
+      ly[j] = j < n_valid ? loc[2 * j + 1] : T(-8);                                                \
+      aw[j] = j < n_valid ? attn[j] : T(0);                                                        \
+    }                                                                                              \
+  }                                                                                                \
+  const real W = vload_any<real>(lv.W.data() + j0), H = vload_any<real>(lv.H.data() + j0);         \
+/* grid_sample's unnormalisation, in the scalar path's order of operations. */                     \
+  real x = (lx * T(2) - T(1) + T(1)) * (W * T(0.5)) - T(0.5);                                      \
+  real y = (ly * T(2) - T(1) + T(1)) * (H * T(0.5)) - T(0.5);                                      \
+  const auto any = (x > T(-1)) & (y > T(-1)) & (x < W) & (y < H);  /* NaN -> false */              \
+  x = blend(any, x, real{} - T(2));  /* keep the integer conversion below in range */              \
+  y = blend(any, y, real{} - T(2));                                                                \
+/* floor by truncation, then one step down where truncation went up (negative x) */                \
+  i32 x0 = __builtin_convertvector(x, i32), y0 = __builtin_convertvector(y, i32);                  \
+  real xf = __builtin_convertvector(x0, real), yf = __builtin_convertvector(y0, real);             \
+  const i32 x_up = __builtin_convertvector(xf > x, i32), y_up = __builtin_convertvector(yf > y, i32); \
+  x0 += x_up;  /* mask lanes are -1 where true */                                                  \
+  y0 += y_up;                                                                                      \
+  xf = __builtin_convertvector(x0, real);                                                          \
+  yf = __builtin_convertvector(y0, real);                                                          \
+  const real fx = x - xf, fy = y - yf, gx = T(1) - fx, gy = T(1) - fy;                             \
+  const i32 Wi = vload_any<i32>(lv.Wi.data() + j0), Hi = vload_any<i32>(lv.Hi.data() + j0);        \
+  const i32 in = __builtin_convertvector(any, i32);                                                \
+  const i32 x0_in = (x0 >= 0) & in, x1_in = (x0 + 1 < Wi) & in;                                    \
+  const i32 y0_in = (y0 >= 0) & in, y1_in = (y0 + 1 < Hi) & in;                                    \
+  const i32 valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};               \
+  const real weight[4] = {gy * gx, gy * fx, fy * gx, fy * fx};                                     \
+  const i32 o = y0 * vload_any<i32>(lv.Wrow.data() + j0) + x0 * static_cast<int32_t>(row) +        \
+                vload_any<i32>(lv.base.data() + j0);                                               \
+  const i32 step[4] = {i32{}, i32{} + static_cast<int32_t>(row),                                   \
+                       vload_any<i32>(lv.Wrow.data() + j0),                                        \
+                       vload_any<i32>(lv.Wrow.data() + j0) + static_cast<int32_t>(row)};           \
+  const i64 value_addr = i64{} + reinterpret_cast<int64_t>(value_base);                            \
+  const i64 zero_addr = i64{} + reinterpret_cast<int64_t>(zero_row);                               \
+  for (int k = 0; k < 4; ++k) {                                                                    \
+    const typename LT::mask ok = __builtin_convertvector(valid[k], typename LT::mask);             \
+    const real c = blend(ok, aw * weight[k], real{});                                              \
+    const i64 addr = value_addr + __builtin_convertvector(o + step[k], i64) *                      \
+                                      static_cast<int64_t>(sizeof(T));                             \
+    const i64 chosen = blend(__builtin_convertvector(valid[k], i64), addr, zero_addr);             \
+    std::memcpy(ptr + k * kLanes, &chosen, sizeof(chosen));                                        \
+    std::memcpy(coef + k * kLanes, &c, sizeof(c));                                                 \
+  }                                                                                                \
+}                                                                                                  \
+
+UNIP_V2_CORNERS_OF_LANES(corners_of_lanes_default, )
+#if UNIP_V2_X86_MULTIVERSION
+UNIP_V2_CORNERS_OF_LANES(corners_of_lanes_avx2, UNIP_V2_TARGET_AVX2)
+UNIP_V2_CORNERS_OF_LANES(corners_of_lanes_avx512, UNIP_V2_TARGET_AVX512)
+#endif
+
+enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <Isa kIsa, typename T>
 UNIP_V2_INLINE void corners_of_lanes(const LevelTable<T>& lv, int64_t j0, const T* loc,
                                      const T* attn, int64_t n_valid, const T* value_base,
                                      const T* zero_row, int64_t row, const T** ptr, T* coef) {
-  using LT = LaneTypes<T>;
-  using real = typename LT::real;
-  using i32 = typename LT::i32;
-  using i64 = typename LT::i64;
-  real lx, ly, aw;
-  if (n_valid == kLanes) {
-    const real even = vload_any<real>(loc), odd = vload_any<real>(loc + kLanes);
-    lx = __builtin_shufflevector(even, odd, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    ly = __builtin_shufflevector(even, odd, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    aw = vload_any<real>(attn);
-  } else {
-    for (int j = 0; j < kLanes; ++j) {
-      lx[j] = j < n_valid ? loc[2 * j] : T(-8);
-      ly[j] = j < n_valid ? loc[2 * j + 1] : T(-8);
-      aw[j] = j < n_valid ? attn[j] : T(0);
-    }
+#if UNIP_V2_X86_MULTIVERSION
+  if constexpr (kIsa == Isa::kAvx512) {
+    return corners_of_lanes_avx512(lv, j0, loc, attn, n_valid, value_base, zero_row, row, ptr,
+                                   coef);
+  } else if constexpr (kIsa == Isa::kAvx2) {
+    return corners_of_lanes_avx2(lv, j0, loc, attn, n_valid, value_base, zero_row, row, ptr,
+                                 coef);
   }
-  const real W = vload_any<real>(lv.W.data() + j0), H = vload_any<real>(lv.H.data() + j0);
-  // grid_sample's unnormalisation, in the scalar path's order of operations.
-  real x = (lx * T(2) - T(1) + T(1)) * (W * T(0.5)) - T(0.5);
-  real y = (ly * T(2) - T(1) + T(1)) * (H * T(0.5)) - T(0.5);
-  const auto any = (x > T(-1)) & (y > T(-1)) & (x < W) & (y < H);  // NaN -> false
-  x = any ? x : real{} - T(2);  // keep the integer conversion below in range
-  y = any ? y : real{} - T(2);
-  // floor by truncation, then one step down where truncation went up (negative x)
-  i32 x0 = __builtin_convertvector(x, i32), y0 = __builtin_convertvector(y, i32);
-  real xf = __builtin_convertvector(x0, real), yf = __builtin_convertvector(y0, real);
-  const i32 x_up = __builtin_convertvector(xf > x, i32), y_up = __builtin_convertvector(yf > y, i32);
-  x0 += x_up;  // mask lanes are -1 where true
-  y0 += y_up;
-  xf = __builtin_convertvector(x0, real);
-  yf = __builtin_convertvector(y0, real);
-  const real fx = x - xf, fy = y - yf, gx = T(1) - fx, gy = T(1) - fy;
-  const i32 Wi = vload_any<i32>(lv.Wi.data() + j0), Hi = vload_any<i32>(lv.Hi.data() + j0);
-  const i32 in = __builtin_convertvector(any, i32);
-  const i32 x0_in = (x0 >= 0) & in, x1_in = (x0 + 1 < Wi) & in;
-  const i32 y0_in = (y0 >= 0) & in, y1_in = (y0 + 1 < Hi) & in;
-  const i32 valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};
-  const real weight[4] = {gy * gx, gy * fx, fy * gx, fy * fx};
-  const i32 o = y0 * vload_any<i32>(lv.Wrow.data() + j0) + x0 * static_cast<int32_t>(row) +
-                vload_any<i32>(lv.base.data() + j0);
-  const i32 step[4] = {i32{}, i32{} + static_cast<int32_t>(row),
-                       vload_any<i32>(lv.Wrow.data() + j0),
-                       vload_any<i32>(lv.Wrow.data() + j0) + static_cast<int32_t>(row)};
-  const i64 value_addr = i64{} + reinterpret_cast<int64_t>(value_base);
-  const i64 zero_addr = i64{} + reinterpret_cast<int64_t>(zero_row);
-  for (int k = 0; k < 4; ++k) {
-    const typename LT::mask ok = __builtin_convertvector(valid[k], typename LT::mask);
-    const real c = ok ? aw * weight[k] : real{};
-    const i64 addr = value_addr + __builtin_convertvector(o + step[k], i64) *
-                                      static_cast<int64_t>(sizeof(T));
-    const i64 chosen = __builtin_convertvector(valid[k], i64) ? addr : zero_addr;
-    std::memcpy(ptr + k * kLanes, &chosen, sizeof(chosen));
-    std::memcpy(coef + k * kLanes, &c, sizeof(c));
-  }
+#endif
+  corners_of_lanes_default(lv, j0, loc, attn, n_valid, value_base, zero_row, row, ptr, coef);
 }
 
 // out[0 : NV * width] = sum_k coef[k] * ptr[k][off : off + NV * width] (see gather_vectors).
@@ -356,9 +397,10 @@ UNIP_V2_INLINE void gather_rows(const T* const* ptr, const T* coef, int64_t coun
 }
 
 // Forward with vectorised geometry; requires kVectorised (fp32 / fp64) and S * M * D < 2^31.
-// (Prefetching the next step's rows was measured slower here: the loop is bound by L1
-// refills, which prefetches do not add.)
-template <typename T>
+// Measured and dropped: prefetching the next step's rows (slower: the loop is bound by L1
+// refills, which prefetches do not add), and sweeping head by head, in this layout or over
+// a head-major copy of value (slower: strided location, weight and output streams).
+template <Isa kIsa, typename T>
 UNIP_V2_INLINE void forward_queries_lanes(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const Problem& pb = a.pb;
   const int64_t row = pb.M * pb.D, samples = pb.L * pb.P;
@@ -372,7 +414,7 @@ UNIP_V2_INLINE void forward_queries_lanes(const ForwardArgs<T>& a, int64_t begin
     for (int64_t m = 0; m < pb.M; ++m) {
       const int64_t i0 = (nq * pb.M + m) * samples;
       for (int64_t j0 = 0; j0 < lv.padded; j0 += kLanes) {
-        corners_of_lanes(lv, j0, a.loc + 2 * (i0 + j0), a.attn + i0 + j0,
+        corners_of_lanes<kIsa>(lv, j0, a.loc + 2 * (i0 + j0), a.attn + i0 + j0,
                          std::min<int64_t>(kLanes, samples - j0), value_n + m * pb.D,
                          zero_row.data(), row, ptr.data() + 4 * j0, coef.data() + 4 * j0);
       }
@@ -390,11 +432,11 @@ UNIP_V2_INLINE void forward_queries_lanes(const ForwardArgs<T>& a, int64_t begin
   }
 }
 
-template <typename scalar_t>
+template <Isa kIsa, typename scalar_t>
 UNIP_V2_INLINE void forward_queries(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (kVectorised<scalar_t, acc_t>) {
-    if (fits_int32_offsets(a.pb)) return forward_queries_lanes(a, begin, end);
+    if (fits_int32_offsets(a.pb)) return forward_queries_lanes<kIsa>(a, begin, end);
   }
   const Problem& pb = a.pb;
   const int64_t row = pb.M * pb.D;  // value elements per position
@@ -666,13 +708,12 @@ UNIP_V2_INLINE void backward_heads(const BackwardArgs<scalar_t, grad_t>& a, int6
 // ---------------------------------------------------------------------------------------
 // Instruction-set dispatch.
 
-enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
-
 Isa detect_isa() {
   Isa best = Isa::kDefault;
 #if UNIP_V2_X86_MULTIVERSION
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
     best = Isa::kAvx512;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     best = Isa::kAvx2;
@@ -696,7 +737,7 @@ Isa cpu_isa() {
 
 template <typename scalar_t>
 void forward_default(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  forward_queries(a, b, e);
+  forward_queries<Isa::kDefault>(a, b, e);
 }
 template <typename scalar_t, typename grad_t>
 void backward_default(const BackwardArgs<scalar_t, grad_t>& a, int64_t b, int64_t e) {
@@ -705,11 +746,11 @@ void backward_default(const BackwardArgs<scalar_t, grad_t>& a, int64_t b, int64_
 #if UNIP_V2_X86_MULTIVERSION
 template <typename scalar_t>
 UNIP_V2_TARGET_AVX2 void forward_avx2(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  forward_queries(a, b, e);
+  forward_queries<Isa::kAvx2>(a, b, e);
 }
 template <typename scalar_t>
 UNIP_V2_TARGET_AVX512 void forward_avx512(const ForwardArgs<scalar_t>& a, int64_t b, int64_t e) {
-  forward_queries(a, b, e);
+  forward_queries<Isa::kAvx512>(a, b, e);
 }
 template <typename scalar_t, typename grad_t>
 UNIP_V2_TARGET_AVX2 void backward_avx2(const BackwardArgs<scalar_t, grad_t>& a, int64_t b,
