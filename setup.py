@@ -3,7 +3,7 @@
 
 The CPU kernels are always built. The CUDA kernels are added when a GPU is visible and
 nvcc is found, or when FORCE_CUDA=1 (then TORCH_CUDA_ARCH_LIST picks the architectures, as
-in detectron2). Build with the environment's torch: `pip install --no-build-isolation -e .`.
+in detectron2). Build with the environment's torch: `pip install --no-build-isolation --use-pep517 -e .`.
 """
 import glob
 import os
@@ -40,7 +40,7 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:  # pragma: no cover - install-time message
     sys.exit("unip-v2 compiles against the installed torch: install torch first, then run "
-             "`pip install --no-build-isolation -e .` (or simply `make install`).")
+             "`pip install --no-build-isolation --use-pep517 -e .` (or simply `make install`).")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,7 +59,7 @@ def get_extensions():
     depends = sorted(glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True))
     # -fopenmp: ATen's parallel_for is an inline OpenMP region, so the extension itself must
     # be compiled with OpenMP for the CPU kernels to use more than one thread.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]}
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
     extra_link_args = ["-fopenmp"]
     define_macros = []
     extension = CppExtension

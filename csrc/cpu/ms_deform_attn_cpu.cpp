@@ -514,6 +514,22 @@ UNIP_V2_INLINE acc_t dot_and_scatter(const acc_t* g, const scalar_t* v, grad_t* 
   return total;
 }
 
+// Gradients of one sample from its four corner dot products dot[k] = <grad_out, corner row>
+// (0 for corners outside the map): attention weight <grad_out, sample>, and the location,
+// through the bilinear form's d/d(fx), d/d(fy) and pixel x = loc_x * W - 0.5.
+template <typename scalar_t, typename acc_t>
+UNIP_V2_INLINE void sample_gradients(const Sample<acc_t>& s, const acc_t* dot, acc_t w,
+                                     int64_t H, int64_t W, scalar_t* grad_attn,
+                                     scalar_t* grad_loc) {
+  acc_t sampled = 0;
+  for (int k = 0; k < 4; ++k) sampled += s.weight[k] * dot[k];
+  *grad_attn = static_cast<scalar_t>(sampled);
+  const acc_t d_fx = (dot[1] - dot[0]) * (acc_t(1) - s.fy) + (dot[3] - dot[2]) * s.fy;
+  const acc_t d_fy = (dot[2] - dot[0]) * (acc_t(1) - s.fx) + (dot[3] - dot[1]) * s.fx;
+  grad_loc[0] = static_cast<scalar_t>(w * d_fx * acc_t(W));
+  grad_loc[1] = static_cast<scalar_t>(w * d_fy * acc_t(H));
+}
+
 // Where every sample of query nq, head m lands (offsets made relative to value[n, 0, m, 0]);
 // prefetches the value and grad_value rows it will touch and the query's grad_output row.
 template <typename scalar_t, typename grad_t, typename acc_t>
@@ -627,20 +643,12 @@ UNIP_V2_INLINE void backward_heads_f32(const BackwardArgs<float, float>& a, int6
         vstore(dots.data() + b, reduce16(part.data() + b * VW));
       }
       for (int64_t l = 0; l < pb.L; ++l) {
-        const float H = float(pb.shapes[2 * l]), W = float(pb.shapes[2 * l + 1]);
+        const int64_t H = pb.shapes[2 * l], W = pb.shapes[2 * l + 1];
         for (int64_t p = 0; p < pb.P; ++p) {
           const int64_t j = l * pb.P + p, i = i0 + j;
-          const Sample<float>& s = cur[j];
-          if (!s.any) continue;  // gradients stay zero
-          const float* dot = dots.data() + 4 * j;
-          const float w = a.attn[i];
-          float sampled = 0;
-          for (int k = 0; k < 4; ++k) sampled += s.weight[k] * dot[k];
-          a.grad_attn[i] = sampled;
-          const float d_fx = (dot[1] - dot[0]) * (1.0f - s.fy) + (dot[3] - dot[2]) * s.fy;
-          const float d_fy = (dot[2] - dot[0]) * (1.0f - s.fx) + (dot[3] - dot[1]) * s.fx;
-          a.grad_loc[2 * i] = w * d_fx * W;
-          a.grad_loc[2 * i + 1] = w * d_fy * H;
+          if (!cur[j].any) continue;  // gradients stay zero
+          sample_gradients(cur[j], dots.data() + 4 * j, a.attn[i], H, W, a.grad_attn + i,
+                           a.grad_loc + 2 * i);
         }
       }
     }
@@ -689,16 +697,7 @@ UNIP_V2_INLINE void backward_heads(const BackwardArgs<scalar_t, grad_t>& a, int6
             corner_dot[k] = dot_and_scatter(g.data(), value_nm + s.offset[k],
                                             grad_value_nm + s.offset[k], w * s.weight[k], pb.D);
           }
-          acc_t sampled = 0;
-          for (int k = 0; k < 4; ++k) sampled += s.weight[k] * corner_dot[k];
-          a.grad_attn[i] = static_cast<scalar_t>(sampled);
-          // d(sample)/d(fx), d(sample)/d(fy) of the bilinear form; pixel x = loc_x * W - 0.5.
-          const acc_t d_fx = (corner_dot[1] - corner_dot[0]) * (acc_t(1) - s.fy) +
-                             (corner_dot[3] - corner_dot[2]) * s.fy;
-          const acc_t d_fy = (corner_dot[2] - corner_dot[0]) * (acc_t(1) - s.fx) +
-                             (corner_dot[3] - corner_dot[1]) * s.fx;
-          a.grad_loc[2 * i] = static_cast<scalar_t>(w * d_fx * acc_t(W));
-          a.grad_loc[2 * i + 1] = static_cast<scalar_t>(w * d_fy * acc_t(H));
+          sample_gradients(s, corner_dot, w, H, W, a.grad_attn + i, a.grad_loc + 2 * i);
         }
       }
     }

@@ -59,7 +59,7 @@ def _has_compiled(device_type: str) -> bool:
 def _missing_reason(device_type: str) -> str:
     if _compiled is None:
         return (f"unip_v2._C failed to import ({_compiled_error}); rebuild it with "
-                "`make install` (or `pip install --no-build-isolation -e .`)")
+                "`make install` (or `pip install --no-build-isolation --use-pep517 -e .`)")
     if device_type == "cuda":
         return ("unip_v2._C was built without CUDA kernels; rebuild on a machine with nvcc "
                 "(or with FORCE_CUDA=1)")
