@@ -125,10 +125,12 @@ def test_cpu_backward_is_deterministic():
 
 
 @pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_cpu_instruction_set_paths(isa):
-    """Each vector code path of the CPU kernel (chosen once per process) matches the
-    reference; UNIP_V2_CPU_ISA caps the path, so each runs in a fresh interpreter."""
+@pytest.mark.parametrize("isa,scalar_geometry", [("default", "0"), ("avx2", "0"),
+                                                  ("avx512", "0"), ("avx512", "1")])
+def test_cpu_instruction_set_paths(isa, scalar_geometry):
+    """Each code path of the CPU kernel (chosen once per process) matches the reference:
+    UNIP_V2_CPU_ISA caps the instruction set, UNIP_V2_CPU_SCALAR_GEOMETRY=1 takes the path
+    that tensors too large for 32-bit offsets use; each runs in a fresh interpreter."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -145,7 +147,7 @@ for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
         assert_same_results((a, *ga), (b, *gb), ins[1], atol=atol)
 print("ok")
 """
-    env = dict(os.environ, UNIP_V2_CPU_ISA=isa)
+    env = dict(os.environ, UNIP_V2_CPU_ISA=isa, UNIP_V2_CPU_SCALAR_GEOMETRY=scalar_geometry)
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 

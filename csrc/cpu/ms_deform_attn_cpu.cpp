@@ -6,11 +6,13 @@
 //   backward  parallel over (batch, head). Only the task owning (n, m) touches the
 //             grad_value slice value[n, :, m, :], and it visits queries in order, so the
 //             scatter-add needs no atomics and gives bit-identical gradients on every run.
-// Per (query, head) the kernels first list the bilinear corners of all L*P samples (offset of
-// the value row and its weight), then run over the D channels in fixed-width blocks whose
-// accumulators stay in vector registers. The hot loops are compiled three times (AVX-512,
+// Per (query, head) the kernels first list the bilinear corners of all L*P samples (the value
+// row and its weight; fp32/fp64 compute this geometry 16 samples at a time in vector lanes),
+// then run over the D channels in fixed-width blocks whose accumulators stay in vector
+// registers. The fp32 backward reduces its corner dot products 16 at a time. The hot loops are compiled three times (AVX-512,
 // AVX2+FMA, baseline x86-64) and the widest one the CPU supports runs; UNIP_V2_CPU_ISA=
-// avx512|avx2|default caps the choice (tests use it to cover every path).
+// avx512|avx2|default caps the choice and UNIP_V2_CPU_SCALAR_GEOMETRY=1 turns the vector
+// geometry off (tests use both to cover every path).
 // Accumulation is in at::opmath_type (fp32 for fp16/bf16, fp64 for fp64).
 #include "../ms_deform_attn.h"
 
@@ -146,12 +148,12 @@ struct ForwardArgs {
   scalar_t* out;
 };
 
-// out[0 : NV * width] = sum_k coef[k] * base[offset[k] + 0 : NV * width]. Corners go
-// round-robin into four accumulator sets so consecutive FMAs do not wait on each other;
-// the sets are added in a fixed order at the end.
+// out[0 : NV * width] = sum_k coef[k] * ptr[k][off : off + NV * width]. Corners go round-robin
+// into four accumulator sets so consecutive FMAs do not wait on each other; the sets are
+// added in a fixed order at the end.
 template <int NV, typename T>
-UNIP_V2_INLINE void gather_vectors(const T* base, const int64_t* offset, const T* coef,
-                                   int64_t count, T* out) {
+UNIP_V2_INLINE void gather_rows(const T* const* ptr, const T* coef, int64_t count, int64_t off,
+                                T* out) {
   using V = typename Vec<T>::type;
   constexpr int64_t W = Vec<T>::width;
   constexpr int kSets = 4;
@@ -161,41 +163,39 @@ UNIP_V2_INLINE void gather_vectors(const T* base, const int64_t* offset, const T
   int64_t k = 0;
   for (; k + kSets <= count; k += kSets) {
     for (int r = 0; r < kSets; ++r) {
-      const T* v = base + offset[k + r];
-      const T c = coef[k + r];
-      for (int j = 0; j < NV; ++j) acc[r][j] += c * vload(v + j * W);
+      const T* v = ptr[k + r] + off;
+      for (int j = 0; j < NV; ++j) acc[r][j] += coef[k + r] * vload(v + j * W);
     }
   }
   for (int r = 0; k < count; ++k, ++r) {
-    const T* v = base + offset[k];
-    for (int j = 0; j < NV; ++j) acc[r][j] += coef[k] * vload(v + j * W);
+    for (int j = 0; j < NV; ++j) acc[r][j] += coef[k] * vload(ptr[k] + off + j * W);
   }
   for (int j = 0; j < NV; ++j) vstore(out + j * W, (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
 }
 
-// The same for any number of channels, one at a time (tails, fp16/bf16).
+// out[0:D] = sum_k coef[k] * ptr[k][0:D]: vector blocks for fp32 / fp64, then one channel at a
+// time (the tail, and fp16 / bf16, which accumulate in acc_t).
 template <typename acc_t, typename scalar_t>
-UNIP_V2_INLINE void gather_scalar(const scalar_t* base, const int64_t* offset, const acc_t* coef,
-                                  int64_t count, int64_t len, scalar_t* out) {
-  for (int64_t d = 0; d < len; ++d) {
+UNIP_V2_INLINE void gather_channels(const scalar_t* const* ptr, const acc_t* coef, int64_t count,
+                                    int64_t D, scalar_t* out) {
+  int64_t d = 0;
+  if constexpr (kVectorised<scalar_t, acc_t>) {
+    constexpr int64_t VW = Vec<acc_t>::width;
+    for (; d + 2 * VW <= D; d += 2 * VW) gather_rows<2>(ptr, coef, count, d, out + d);
+    for (; d + VW <= D; d += VW) gather_rows<1>(ptr, coef, count, d, out + d);
+  }
+  for (; d < D; ++d) {
     acc_t acc = 0;
-    for (int64_t k = 0; k < count; ++k) acc += coef[k] * static_cast<acc_t>(base[offset[k] + d]);
+    for (int64_t k = 0; k < count; ++k) acc += coef[k] * static_cast<acc_t>(ptr[k][d]);
     out[d] = static_cast<scalar_t>(acc);
   }
 }
 
-// Ask for both ends of a row of `bytes` bytes (a head's channels span one or two lines).
-UNIP_V2_INLINE void prefetch_row(const void* p, int64_t bytes) {
-  __builtin_prefetch(p);
-  __builtin_prefetch(static_cast<const char*>(p) + bytes - 1);
-}
-
-// The corners read by one (query nq, head m): their offsets from value[n, 0, m, 0] and
-// weights (attention x bilinear), invalid corners left out; prefetches the rows. Returns
-// how many were listed.
+// The corners read by one (query nq, head m), scalar geometry: row pointers and weights
+// (attention x bilinear), corners outside the map left out. Returns how many were listed.
 template <typename scalar_t, typename acc_t>
 UNIP_V2_INLINE int64_t list_corners(const ForwardArgs<scalar_t>& a, int64_t nq, int64_t m,
-                                    int64_t* offsets, acc_t* coefs) {
+                                    const scalar_t** ptr, acc_t* coef) {
   const Problem& pb = a.pb;
   const int64_t row = pb.M * pb.D;
   const int64_t i0 = (nq * pb.M + m) * pb.L * pb.P;
@@ -203,7 +203,7 @@ UNIP_V2_INLINE int64_t list_corners(const ForwardArgs<scalar_t>& a, int64_t nq, 
   int64_t count = 0;
   for (int64_t l = 0; l < pb.L; ++l) {
     const int64_t H = pb.shapes[2 * l], W = pb.shapes[2 * l + 1];
-    const int64_t level_base = pb.starts[l] * row;
+    const scalar_t* level = base + pb.starts[l] * row;
     for (int64_t p = 0; p < pb.P; ++p) {
       const int64_t i = i0 + l * pb.P + p;
       const auto s = locate<acc_t>(static_cast<acc_t>(a.loc[2 * i]),
@@ -212,9 +212,8 @@ UNIP_V2_INLINE int64_t list_corners(const ForwardArgs<scalar_t>& a, int64_t nq, 
       const acc_t w = static_cast<acc_t>(a.attn[i]);
       for (int k = 0; k < 4; ++k) {
         if (!s.valid[k]) continue;
-        offsets[count] = level_base + s.offset[k];
-        coefs[count] = w * s.weight[k];
-        prefetch_row(base + offsets[count], pb.D * sizeof(scalar_t));
+        ptr[count] = level + s.offset[k];
+        coef[count] = w * s.weight[k];
         ++count;
       }
     }
@@ -222,9 +221,15 @@ UNIP_V2_INLINE int64_t list_corners(const ForwardArgs<scalar_t>& a, int64_t nq, 
   return count;
 }
 
-// Value offsets of one batch element (and the zero-row trick) fit in 32-bit lanes.
-UNIP_V2_INLINE bool fits_int32_offsets(const Problem& pb) {
-  return pb.S * pb.M * pb.D + pb.M * pb.D < (int64_t(1) << 31);
+// Whether the vectorised geometry may run: value offsets of one batch element (and the
+// zero-row trick) fit in 32-bit lanes. UNIP_V2_CPU_SCALAR_GEOMETRY=1 turns it off, so tests
+// can reach the scalar-geometry path that otherwise only tensors over 2^31 elements take.
+UNIP_V2_INLINE bool use_lane_geometry(const Problem& pb) {
+  static const bool disabled = [] {
+    const char* v = std::getenv("UNIP_V2_CPU_SCALAR_GEOMETRY");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return !disabled && pb.S * pb.M * pb.D + pb.M * pb.D < (int64_t(1) << 31);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ UNIP_V2_INLINE V vload_any(const void* p) {
   using real = typename LT::real;                                                                  \
   using i32 = typename LT::i32;                                                                    \
   using i64 = typename LT::i64;                                                                    \
-  real lx, ly, aw;                                                                                 \
+  real lx{}, ly{}, aw{};                                                                                 \
   if (n_valid == kLanes) {                                                                         \
     const real even = vload_any<real>(loc), odd = vload_any<real>(loc + kLanes);                   \
     lx = __builtin_shufflevector(even, odd, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30); \
@@ -377,25 +382,6 @@ UNIP_V2_INLINE void corners_of_lanes(const LevelTable<T>& lv, int64_t j0, const 
   corners_of_lanes_default(lv, j0, loc, attn, n_valid, value_base, zero_row, row, ptr, coef);
 }
 
-// out[0 : NV * width] = sum_k coef[k] * ptr[k][off : off + NV * width] (see gather_vectors).
-template <int NV, typename T>
-UNIP_V2_INLINE void gather_rows(const T* const* ptr, const T* coef, int64_t count, int64_t off,
-                                T* out) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t W = Vec<T>::width;
-  constexpr int kSets = 4;
-  V acc[kSets][NV];
-  for (int r = 0; r < kSets; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
-  for (int64_t k = 0; k < count; k += kSets) {  // count is a multiple of 4 * kLanes
-    for (int r = 0; r < kSets; ++r) {
-      const T* v = ptr[k + r] + off;
-      for (int j = 0; j < NV; ++j) acc[r][j] += coef[k + r] * vload(v + j * W);
-    }
-  }
-  for (int j = 0; j < NV; ++j) vstore(out + j * W, (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
-}
-
 // Forward with vectorised geometry; requires kVectorised (fp32 / fp64) and S * M * D < 2^31.
 // Measured and dropped: prefetching the next step's rows (slower: the loop is bound by L1
 // refills, which prefetches do not add), and sweeping head by head, in this layout or over
@@ -418,16 +404,7 @@ UNIP_V2_INLINE void forward_queries_lanes(const ForwardArgs<T>& a, int64_t begin
                          std::min<int64_t>(kLanes, samples - j0), value_n + m * pb.D,
                          zero_row.data(), row, ptr.data() + 4 * j0, coef.data() + 4 * j0);
       }
-      T* out = a.out + nq * row + m * pb.D;
-      constexpr int64_t VW = Vec<T>::width;
-      int64_t d = 0;
-      for (; d + 2 * VW <= pb.D; d += 2 * VW) gather_rows<2>(ptr.data(), coef.data(), count, d, out + d);
-      for (; d + VW <= pb.D; d += VW) gather_rows<1>(ptr.data(), coef.data(), count, d, out + d);
-      for (; d < pb.D; ++d) {
-        T acc = 0;
-        for (int64_t k = 0; k < count; ++k) acc += coef[k] * ptr[k][d];
-        out[d] = acc;
-      }
+      gather_channels(ptr.data(), coef.data(), count, pb.D, a.out + nq * row + m * pb.D);
     }
   }
 }
@@ -436,41 +413,18 @@ template <Isa kIsa, typename scalar_t>
 UNIP_V2_INLINE void forward_queries(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (kVectorised<scalar_t, acc_t>) {
-    if (fits_int32_offsets(a.pb)) return forward_queries_lanes<kIsa>(a, begin, end);
+    if (use_lane_geometry(a.pb)) return forward_queries_lanes<kIsa>(a, begin, end);
   }
+  // Scalar geometry: fp16 / bf16, or values too large for 32-bit offsets.
   const Problem& pb = a.pb;
   const int64_t row = pb.M * pb.D;  // value elements per position
-  const int64_t corners = 4 * pb.L * pb.P;
-  // Software pipeline over the (query, head) steps of this task: the corners of the next
-  // step are listed (and their rows prefetched) before the current step's gather, so the
-  // loads overlap with the arithmetic instead of stalling it.
-  std::vector<int64_t> offsets(2 * corners);
-  std::vector<acc_t> coefs(2 * corners);
-  const int64_t steps = (end - begin) * pb.M;
-  int64_t count[2] = {0, 0};
-  if (steps > 0) count[0] = list_corners(a, begin, 0, offsets.data(), coefs.data());
-  for (int64_t t = 0; t < steps; ++t) {
-    const int64_t cur = t & 1, nxt = cur ^ 1;
-    if (t + 1 < steps) {
-      count[nxt] = list_corners(a, begin + (t + 1) / pb.M, (t + 1) % pb.M,
-                                offsets.data() + nxt * corners, coefs.data() + nxt * corners);
+  std::vector<const scalar_t*> ptr(4 * pb.L * pb.P);
+  std::vector<acc_t> coef(4 * pb.L * pb.P);
+  for (int64_t nq = begin; nq < end; ++nq) {
+    for (int64_t m = 0; m < pb.M; ++m) {
+      const int64_t count = list_corners(a, nq, m, ptr.data(), coef.data());
+      gather_channels(ptr.data(), coef.data(), count, pb.D, a.out + nq * row + m * pb.D);
     }
-    const int64_t nq = begin + t / pb.M, m = t % pb.M;
-    const scalar_t* base = a.value + (nq / pb.Lq) * pb.S * row + m * pb.D;
-    const int64_t* off = offsets.data() + cur * corners;
-    const acc_t* coef = coefs.data() + cur * corners;
-    scalar_t* out = a.out + nq * row + m * pb.D;
-    int64_t d = 0;
-    if constexpr (kVectorised<scalar_t, acc_t>) {
-      constexpr int64_t W = Vec<acc_t>::width;
-      for (; d + 2 * W <= pb.D; d += 2 * W) {
-        gather_vectors<2>(base + d, off, coef, count[cur], out + d);
-      }
-      for (; d + W <= pb.D; d += W) {
-        gather_vectors<1>(base + d, off, coef, count[cur], out + d);
-      }
-    }
-    gather_scalar(base + d, off, coef, count[cur], pb.D - d, out + d);
   }
 }
 
@@ -528,6 +482,13 @@ UNIP_V2_INLINE void sample_gradients(const Sample<acc_t>& s, const acc_t* dot, a
   const acc_t d_fy = (dot[2] - dot[0]) * (acc_t(1) - s.fx) + (dot[3] - dot[1]) * s.fx;
   grad_loc[0] = static_cast<scalar_t>(w * d_fx * acc_t(W));
   grad_loc[1] = static_cast<scalar_t>(w * d_fy * acc_t(H));
+}
+
+// Ask for both ends of a row of `bytes` bytes (a head's channels span one or two lines).
+// The backward's scatter measured faster with these; the forward's gather did not.
+UNIP_V2_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  __builtin_prefetch(p);
+  __builtin_prefetch(static_cast<const char*>(p) + bytes - 1);
 }
 
 // Where every sample of query nq, head m lands (offsets made relative to value[n, 0, m, 0]);
