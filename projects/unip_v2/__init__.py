@@ -24,6 +24,9 @@ from .config import add_unip_v2_config  # noqa: E402
 
 # Imported for their registry side effects (and as public subpackages).
 from . import layers  # noqa: E402,F401
+from . import modeling  # noqa: E402,F401
+from . import data  # noqa: E402,F401
+from . import evaluation  # noqa: E402,F401
 
 __all__ = ["add_unip_v2_config"]
 __version__ = "0.1.0"

@@ -10,6 +10,8 @@ Usage::
     cfg.merge_from_file("configs/Base-UniPerceiverV2.yaml")
 
 Every key gets a comment saying what it does (tests/test_project_setup.py enforces it).
+Defaults are the paper's (seed 001, Table 7 and Appendix B) for the R50 model; the toy
+configs shrink them.
 """
 from detectron2.config import CfgNode as CN
 
@@ -18,6 +20,7 @@ __all__ = ["add_unip_v2_config"]
 
 def add_unip_v2_config(cfg: CN) -> None:
     """Add unip-v2's keys (with their defaults) to a detectron2 config, in place."""
+    # ---------------------------------------------------------------- op
     # Multi-scale deformable attention, the op of the region proposal network's
     # deformable encoder and decoder (unip_v2/layers/ms_deform_attn.py).
     cfg.MODEL.MS_DEFORM_ATTN = CN()
@@ -26,3 +29,152 @@ def add_unip_v2_config(cfg: CN) -> None:
     # reference. The environment variable UNIP_V2_MSDA_BACKEND overrides this key; see
     # unip_v2/layers/ms_deform_attn_backend.py.
     cfg.MODEL.MS_DEFORM_ATTN.BACKEND = "auto"
+
+    # ---------------------------------------------------------------- backbone
+    # Local file with ImageNet weights for the backbone alone ("" = random init). ResNet:
+    # a torchvision state dict or a detectron2-style .pkl/.pth; Swin: a timm state dict
+    # or the official Swin release ({"model": ...}). MODEL.WEIGHTS (a whole-model
+    # checkpoint) is loaded after this and wins where both have a tensor.
+    cfg.MODEL.BACKBONE.PRETRAINED = ""
+    # Swin Transformer from timm as a detectron2 Backbone (MODEL.BACKBONE.NAME
+    # "build_swin_backbone"), outputs res2..res5 at strides 4..32, NCHW.
+    cfg.MODEL.SWIN = CN()
+    # Channels of the patch embedding; stage i has EMBED_DIM * 2**i (tiny/small 96, base 128,
+    # large 192).
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    # Blocks per stage (tiny [2,2,6,2]; small, base, large [2,2,18,2]).
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    # Attention heads per stage (tiny/small [3,6,12,24], base [4,8,16,32], large [6,12,24,48]).
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    # Side of the attention windows, in patches (7 for 224-px pretraining, 12 for 384-px).
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    # Hidden width of each block's MLP as a multiple of its channels.
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    # Stochastic depth rate, growing linearly to this value over the blocks.
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    # Which stage outputs the backbone returns (subset of res2..res5).
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # ---------------------------------------------------------------- image encoder
+    # f_image (Eq. 1-3, 8-9): pixel encoder + region proposal network + general region
+    # proposals + global tokens (unip_v2/modeling/image_encoder/).
+    cfg.MODEL.IMAGE_ENCODER = CN()
+    # Backbone maps F0..F3 (strides 4, 8, 16, 32). F0 feeds only the mask branch (Eq. 8);
+    # F1..F3 plus one extra stride-2 level on F3 enter the deformable encoder.
+    cfg.MODEL.IMAGE_ENCODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # d, the width of the region proposal network (Table 7 hidden_dim).
+    cfg.MODEL.IMAGE_ENCODER.HIDDEN_DIM = 256
+    # Feature levels of the deformable encoder/decoder: F1..F3 + the extra levels made by
+    # 3x3 stride-2 convs (4 = the paper's "4-scale setting", strides 8..64).
+    cfg.MODEL.IMAGE_ENCODER.NUM_FEATURE_LEVELS = 4
+    # Attention heads of the deformable encoder and decoder (Table 7 nheads).
+    cfg.MODEL.IMAGE_ENCODER.NHEADS = 8
+    # Deformable encoder layers (Table 7 enc_layers).
+    cfg.MODEL.IMAGE_ENCODER.ENC_LAYERS = 6
+    # Deformable decoder layers (Table 7 dec_layers).
+    cfg.MODEL.IMAGE_ENCODER.DEC_LAYERS = 6
+    # FFN width of encoder and decoder layers (Table 7 dim_feedforward).
+    cfg.MODEL.IMAGE_ENCODER.DIM_FEEDFORWARD = 2048
+    # Dropout in encoder and decoder layers (Table 7 dropout).
+    cfg.MODEL.IMAGE_ENCODER.DROPOUT = 0.0
+    # Sampling points per head and level in the encoder (Table 7 enc_n_points).
+    cfg.MODEL.IMAGE_ENCODER.ENC_N_POINTS = 4
+    # Sampling points per head and level in the decoder (Table 7 dec_n_points).
+    cfg.MODEL.IMAGE_ENCODER.DEC_N_POINTS = 4
+    # N, object queries chosen by two-stage selection (Table 7 num_queries: 300 R50,
+    # 900 Swin).
+    cfg.MODEL.IMAGE_ENCODER.NUM_QUERIES = 300
+    # O, general region proposals kept by the objectness of the fused q_proposal and handed
+    # to the unified decoder (Table 7 topk_queries).
+    cfg.MODEL.IMAGE_ENCODER.TOPK_PROPOSALS = 200
+    # Channels of the per-pixel mask map of Eq. 8 (dot product with MLP(q)).
+    cfg.MODEL.IMAGE_ENCODER.MASK_DIM = 256
+    # Normalisation of the input projections and mask branch convs ("GN" = GroupNorm(32)).
+    cfg.MODEL.IMAGE_ENCODER.NORM = "GN"
+    # Images are zero-padded (bottom/right) to a multiple of this before the backbone.
+    cfg.MODEL.IMAGE_ENCODER.SIZE_DIVISIBILITY = 32
+    # Initial decoder boxes from the two-stage masks ("mask2box", Mask DINO's mask-enhanced
+    # anchor box initialisation) or from the selected anchors' refined boxes ("none").
+    cfg.MODEL.IMAGE_ENCODER.INITIALIZE_BOX_TYPE = "mask2box"
+    # M of Eq. 9: side of the adaptive average pool applied to each proposal's mask logits.
+    cfg.MODEL.IMAGE_ENCODER.MASK_POOL_SIZE = 28
+    # M' of Eq. 3: attention pools over F3, each with its own learned query.
+    cfg.MODEL.IMAGE_ENCODER.NUM_GLOBAL_POOLS = 10
+    # Width of the tokens handed to the unified decoder (regional and global).
+    cfg.MODEL.IMAGE_ENCODER.OUTPUT_DIM = 768
+
+    # Contrastive denoising (DINO's CDN, as used by Mask DINO): noised copies of the ground
+    # truth enter the decoder as extra queries during training.
+    cfg.MODEL.IMAGE_ENCODER.DN = CN()
+    # Turn denoising queries on in training (never used at inference).
+    cfg.MODEL.IMAGE_ENCODER.DN.ENABLED = True
+    # Denoising budget: groups = NUM_QUERIES_BUDGET // max ground-truth count in the batch,
+    # each group holding a positive and a negative copy of every object.
+    cfg.MODEL.IMAGE_ENCODER.DN.NUM_QUERIES_BUDGET = 100
+    # Box noise scale lambda (Table 7 dn_box_noise_scale): corners move by up to
+    # lambda * half the box side (positives) or between lambda and 2*lambda (negatives).
+    # Table 7's dn_label_noise_ratio has no key: with one objectness class there is no
+    # other label to flip to.
+    cfg.MODEL.IMAGE_ENCODER.DN.BOX_NOISE_SCALE = 1.0
+
+    # Hungarian matching costs (Table 7 *_cost_coef).
+    cfg.MODEL.IMAGE_ENCODER.MATCHER = CN()
+    # Focal-style objectness cost.
+    cfg.MODEL.IMAGE_ENCODER.MATCHER.COST_CLASS = 2.0
+    # L1 cost of normalised (cx, cy, w, h) boxes.
+    cfg.MODEL.IMAGE_ENCODER.MATCHER.COST_BOX = 5.0
+    # Negative generalised-IoU cost.
+    cfg.MODEL.IMAGE_ENCODER.MATCHER.COST_GIOU = 2.0
+    # Mean binary cross-entropy of mask logits at sampled points.
+    cfg.MODEL.IMAGE_ENCODER.MATCHER.COST_MASK = 5.0
+    # Dice cost of masks at sampled points.
+    cfg.MODEL.IMAGE_ENCODER.MATCHER.COST_DICE = 5.0
+
+    # Losses of the region proposal network (Table 7 *_loss_coef), applied to the
+    # two-stage (encoder) output, every decoder layer and the denoising queries.
+    cfg.MODEL.IMAGE_ENCODER.LOSS = CN()
+    # Sigmoid focal loss on the objectness logit.
+    cfg.MODEL.IMAGE_ENCODER.LOSS.CLASS_WEIGHT = 2.0
+    # L1 loss on normalised (cx, cy, w, h).
+    cfg.MODEL.IMAGE_ENCODER.LOSS.BOX_WEIGHT = 5.0
+    # Generalised-IoU loss.
+    cfg.MODEL.IMAGE_ENCODER.LOSS.GIOU_WEIGHT = 2.0
+    # Binary cross-entropy of mask logits at sampled points.
+    cfg.MODEL.IMAGE_ENCODER.LOSS.MASK_WEIGHT = 5.0
+    # Dice loss at sampled points.
+    cfg.MODEL.IMAGE_ENCODER.LOSS.DICE_WEIGHT = 5.0
+    # Focal loss alpha (weight of the positive term).
+    cfg.MODEL.IMAGE_ENCODER.LOSS.FOCAL_ALPHA = 0.25
+    # Focal loss gamma (down-weights easy examples).
+    cfg.MODEL.IMAGE_ENCODER.LOSS.FOCAL_GAMMA = 2.0
+    # Points sampled per mask for matching and mask losses (112 x 112, Appendix B).
+    cfg.MODEL.IMAGE_ENCODER.LOSS.TRAIN_NUM_POINTS = 112 * 112
+    # Importance sampling in the mask loss: draw OVERSAMPLE_RATIO x points uniformly ...
+    cfg.MODEL.IMAGE_ENCODER.LOSS.OVERSAMPLE_RATIO = 3.0
+    # ... and keep this fraction as the most uncertain ones (|logit| smallest), the rest
+    # uniform (PointRend / Mask2Former).
+    cfg.MODEL.IMAGE_ENCODER.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # Supervise the top-O selection head (objectness of the fused q_proposal) with the
+    # focal loss against the final decoder layer's assignment; weight of that loss.
+    cfg.MODEL.IMAGE_ENCODER.LOSS.PROPOSAL_CLASS_WEIGHT = 2.0
+
+    # ---------------------------------------------------------------- input
+    # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
+    # fixed-size crop, boxes recomputed from the cropped masks).
+    cfg.INPUT.DATASET_MAPPER_NAME = "coco_instance_lsj"
+    # Side of the square training crop (the paper crops 1600 x 1600 for COCO).
+    cfg.INPUT.IMAGE_SIZE = 1024
+    # Smallest random resize, as a fraction of IMAGE_SIZE (large-scale jitter).
+    cfg.INPUT.MIN_SCALE = 0.1
+    # Largest random resize, as a fraction of IMAGE_SIZE.
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # ---------------------------------------------------------------- solver
+    # "ADAMW" (the paper's; MT-AdamW comes with multi-task training) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier of the image encoder's backbone (0.1 for pretrained
+    # encoders, Sec. 5.2).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Weight decay of embeddings (level/query/position embeddings, Swin's relative
+    # position tables).
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0

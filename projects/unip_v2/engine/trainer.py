@@ -1,0 +1,39 @@
+"""`Trainer`: detectron2's DefaultTrainer with unip-v2's data mappers, evaluators and
+optimiser. Used by tools/train_net.py (train, --eval-only, --resume)."""
+import os
+
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+
+from ..data.build import build_train_loader
+from ..data.dataset_mappers import build_dataset_mapper
+from ..evaluation import ClassAgnosticCOCOEvaluator
+from ..solver import build_optimizer
+
+__all__ = ["Trainer"]
+
+# meta-architectures whose predictions carry no category: evaluated class-agnostically
+CLASS_AGNOSTIC_ARCHS = ("UniPerceiverV2ProposalNetwork",)
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        tasks = ("bbox", "segm")
+        if cfg.MODEL.META_ARCHITECTURE in CLASS_AGNOSTIC_ARCHS:
+            return ClassAgnosticCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        # detectron2 0.6's C++ COCOeval lives in detectron2._C, absent in the wheel-less
+        # install: use pycocotools' evaluation.
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                             use_fast_impl=False,
+                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)

@@ -1,0 +1,300 @@
+"""The image encoder (f_image): shapes, padding, gradients, losses, denoising, matching."""
+import itertools
+
+import pytest
+import torch
+
+import unip_v2  # noqa: F401  first: makes detectron2 importable
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from unip_v2 import add_unip_v2_config
+from unip_v2.modeling.image_encoder import (
+    HungarianMatcher,
+    ImageEncoder,
+    build_contrastive_denoising_queries,
+)
+from unip_v2.modeling.image_encoder.position_encoding import sine_position_encoding_2d
+from unip_v2.utils.box_ops import masks_to_boxes_normalized
+
+
+def tiny_cfg(backbone="resnet"):
+    cfg = get_cfg()
+    add_unip_v2_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "UniPerceiverV2ProposalNetwork"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    if backbone == "resnet":
+        r = cfg.MODEL.RESNETS
+        r.DEPTH, r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, r.WIDTH_PER_GROUP = 50, 16, 64, 16
+        r.NORM = "BN"
+        r.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    else:
+        cfg.MODEL.BACKBONE.NAME = "build_swin_backbone"
+        s = cfg.MODEL.SWIN
+        s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS, s.WINDOW_SIZE = 32, [1, 1, 1, 1], [1, 2, 4, 8], 4
+        s.DROP_PATH_RATE = 0.0
+    ie = cfg.MODEL.IMAGE_ENCODER
+    ie.HIDDEN_DIM, ie.NHEADS, ie.ENC_LAYERS, ie.DEC_LAYERS, ie.DIM_FEEDFORWARD = 32, 2, 1, 2, 64
+    ie.NUM_QUERIES, ie.TOPK_PROPOSALS, ie.MASK_DIM, ie.OUTPUT_DIM = 30, 12, 32, 64
+    ie.NUM_GLOBAL_POOLS = 3
+    ie.MASK_POOL_SIZE = 8
+    ie.DN.NUM_QUERIES_BUDGET = 12
+    ie.LOSS.TRAIN_NUM_POINTS = 256
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
+    return cfg
+
+
+def make_sample(h, w, boxes, seed=0):
+    """A random image with rectangular objects at `boxes` (xyxy pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
+    return {"image": img, "instances": inst, "height": h, "width": w}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg())
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_output_shapes_odd_sizes_with_padding(backbone):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(backbone)
+    enc = ImageEncoder(cfg).eval()
+    sizes = [(97, 131), (120, 75)]
+    H, W = 128, 160  # padded to a multiple of 32
+    images = torch.zeros(2, 3, H, W)
+    for b, (h, w) in enumerate(sizes):
+        images[b, :, :h, :w] = torch.randn(3, h, w)
+    with torch.no_grad():
+        out = enc(images, sizes)
+    O, D = 12, 64
+    assert out.regional_tokens.shape == (2, O, D)
+    assert out.regional_boxes.shape == (2, O, 4)
+    assert out.regional_mask_logits.shape == (2, O, H // 4, W // 4)
+    assert out.regional_objectness.shape == (2, O) and out.regional_index.shape == (2, O)
+    # objectness is sorted, highest first; indices point into the N=30 queries
+    assert (out.regional_objectness[:, :-1] >= out.regional_objectness[:, 1:]).all()
+    assert int(out.regional_index.max()) < 30
+    G = 3 + (H // 32) * (W // 32)
+    assert out.global_tokens.shape == (2, G, D) and out.global_padding_mask.shape == (2, G)
+    # image 0 (97 x 131) covers 4 x 5 of the 4 x 5 stride-32 cells; image 1 (120 x 75) 4 x 3
+    assert int(out.global_padding_mask[0].sum()) == 0
+    assert int(out.global_padding_mask[1].sum()) == 4 * 2
+    tokens, mask = out.f_image()
+    assert tokens.shape == (2, G + O, D) and mask.shape == (2, G + O)
+    assert torch.isfinite(tokens).all() and torch.isfinite(out.regional_boxes).all()
+    # boxes are relative to each image's own extent
+    assert (out.regional_boxes >= 0).all() and (out.regional_boxes[..., :2] <= 1).all()
+
+
+def test_position_encoding_ignores_padding():
+    """A map's position encoding counts valid pixels only: padding added by batching leaves
+    the valid part's encoding unchanged."""
+    pos_a = sine_position_encoding_2d(torch.zeros(1, 3, 4, dtype=torch.bool))
+    mask_b = torch.zeros(1, 5, 6, dtype=torch.bool)
+    mask_b[:, 3:, :] = True
+    mask_b[:, :, 4:] = True
+    pos_b = sine_position_encoding_2d(mask_b)
+    assert pos_a.shape == (1, 256, 3, 4)
+    assert torch.allclose(pos_a[0], pos_b[0, :, :3, :4], atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, H, W\).*\(3, 4\)"):
+        sine_position_encoding_2d(torch.zeros(3, 4, dtype=torch.bool))
+
+
+def _losses(model, batch):
+    model.train()
+    return model(batch)
+
+
+@pytest.mark.parametrize("boxes_per_image", [[[], []], [[(10, 12, 40, 50)], []],
+                                              [[(5, 5, 30, 30), (20, 25, 60, 70), (0, 0, 90, 60),
+                                                (50, 40, 95, 95)], [(3, 4, 20, 30)] * 2]])
+def test_losses_finite_zero_one_many_objects(model, boxes_per_image):
+    torch.manual_seed(0)
+    batch = [make_sample(100, 100, b, seed=i) for i, b in enumerate(boxes_per_image)]
+    losses = _losses(model, batch)
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+    n_layers = 2
+    expected = {"loss_ce", "loss_ce_interm", "loss_proposal_ce"} | {
+        f"loss_ce_{i}" for i in range(n_layers - 1)}
+    assert expected <= set(losses)
+    has_objects = any(len(b) for b in boxes_per_image)
+    assert ("loss_mask" in losses and "loss_ce_dn" in losses) == has_objects or (
+        "loss_mask" in losses and not has_objects)
+    if has_objects:
+        assert {"loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_ce_dn", "loss_bbox_dn",
+                "loss_mask_dn", "loss_bbox_interm", "loss_mask_interm"} <= set(losses)
+        assert losses["loss_bbox"] > 0
+    sum(losses.values()).backward()
+
+
+def test_gradients_reach_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    # zero-initialised layers (box refinement output, learned query embedding, offsets and
+    # attention weights of deformable attention) block gradients to what lies before them at
+    # step 0 by design; perturb them to check that every path is connected.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    model.train()
+    batch = [make_sample(96, 128, [(5, 5, 40, 50), (30, 20, 90, 80)], 0),
+             make_sample(96, 128, [(10, 10, 60, 40)], 1)]
+    images, sizes = model.preprocess_image(batch)
+    targets = model.prepare_targets(batch, images.tensor.shape[-2:])
+    out = model.image_encoder(images.tensor, sizes, [t["boxes"] for t in targets])
+    losses = model.criterion(out.rpn, targets, out.rpn["proposal_logits"])
+    # global and regional tokens feed the unified decoder (later issues): a stand-in loss
+    tokens, _ = out.f_image()
+    total = sum(losses.values()) + tokens.square().mean()
+    total.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+def test_inference_instances(model):
+    model.eval()
+    batch = [make_sample(90, 117, [(5, 5, 40, 50)], 0), make_sample(64, 64, [], 1)]
+    batch[0]["height"], batch[0]["width"] = 180, 234  # output at twice the input size
+    with torch.no_grad():
+        out = model(batch)
+    inst = out[0]["instances"]
+    assert inst.image_size == (180, 234)
+    assert len(inst) == 10 and inst.pred_masks.shape == (10, 180, 234)
+    assert inst.pred_masks.dtype == torch.bool and (inst.pred_classes == 0).all()
+    assert (inst.scores[:-1] >= inst.scores[1:]).all() and ((inst.scores >= 0) & (inst.scores <= 1)).all()
+    boxes = inst.pred_boxes.tensor
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 234).all() and (boxes[:, 3] <= 180).all()
+    assert out[1]["instances"].image_size == (64, 64)
+
+
+def test_bad_image_shape_names_it(model):
+    model.eval()
+    with pytest.raises(ValueError, match=r"\(3, H, W\).*\(64, 64\)"):
+        model([{"image": torch.zeros(64, 64, dtype=torch.uint8)}])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(1, 4, 32, 32\)"):
+        model.image_encoder(torch.zeros(1, 4, 32, 32), [(32, 32)])
+
+
+# ---------------------------------------------------------------- denoising
+
+def test_contrastive_denoising_groups_and_attention_mask():
+    gt = [torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.4]]), torch.zeros(0, 4),
+          torch.tensor([[0.6, 0.4, 0.3, 0.3]])]
+    label = torch.arange(8, dtype=torch.float32)
+    Q = 5
+    dn = build_contrastive_denoising_queries(gt, label, Q, budget=7, box_noise_scale=1.0,
+                                             generator=torch.Generator().manual_seed(0))
+    max_gt, G = 2, 7 // 2
+    assert (dn.max_gt, dn.num_groups, dn.pad_size) == (max_gt, G, G * 2 * max_gt)
+    P = dn.pad_size
+    assert dn.content.shape == (3, P, 8) and dn.anchor_logits.shape == (3, P, 4)
+    # slots: per group [pos gt0, pos gt1, neg gt0, neg gt1]
+    pos = dn.positive_mask.view(3, G, 2, max_gt)
+    neg = dn.negative_mask.view(3, G, 2, max_gt)
+    assert pos[0, :, 0].all() and not pos[0, :, 1].any() and neg[0, :, 1].all()
+    assert not (pos[1].any() or neg[1].any())                      # no objects
+    assert pos[2, :, 0, 0].all() and not pos[2, :, 0, 1].any()     # one object: slot 1 unused
+    assert torch.equal(dn.content[1], torch.zeros(P, 8))
+    assert torch.equal(dn.content[0, 0], label)
+    # noise: positive corners move by at most lambda * half a side; negative corners by
+    # [1, 2) x that, so a negative of an object far from the border overlaps it by IoU <= 1/3
+    # (the most a box keeps when every corner moves by half a side: a shift by half)
+    from torchvision.ops import box_convert, box_iou
+    boxes = dn.anchor_logits.sigmoid().view(3, G, 2, max_gt, 4)
+    xyxy = box_convert(boxes, "cxcywh", "xyxy")
+    gt_xyxy = box_convert(gt[0], "cxcywh", "xyxy")
+    half = torch.cat((gt[0][:, 2:], gt[0][:, 2:]), -1) / 2
+    assert ((xyxy[0, :, 0] - gt_xyxy).abs() / half <= 1 + 1e-3).all()
+    neg_iou = box_iou(xyxy[0, :, 1, 0], gt_xyxy[:1])  # gt 0 spans [0.4, 0.6]: never clamped
+    assert (neg_iou <= 1 / 3 + 1e-4).all()
+    pos_iou = box_iou(xyxy[0, :, 0, 0], gt_xyxy[:1])
+    assert pos_iou.mean() > neg_iou.mean()
+    # attention mask: matching queries see no denoising query; groups see only themselves
+    m = dn.attn_mask
+    assert m.shape == (P + Q, P + Q)
+    assert m[P:, :P].all() and not m[P:, P:].any() and not m[:P, P:].any()
+    for g, h in itertools.product(range(G), repeat=2):
+        block = m[g * 4:(g + 1) * 4, h * 4:(h + 1) * 4]
+        assert (block.all() if g != h else not block.any())
+    # fixed assignment: query g * 2 * max_gt + j <-> gt j
+    q, j = dn.positive_query_indices(2)
+    assert q.tolist() == [0, 1, 4, 5, 8, 9] and j.tolist() == [0, 1] * 3
+
+
+def test_no_objects_means_no_denoising():
+    assert build_contrastive_denoising_queries([torch.zeros(0, 4)] * 2, torch.zeros(4), 5, 10,
+                                               1.0) is None
+
+
+# ---------------------------------------------------------------- matcher
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matcher_agrees_with_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    Q, T = 5, 3
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, 5.0, 5.0, num_points=64)
+    logits = torch.randn(1, Q, 1, generator=g)
+    boxes = torch.rand(1, Q, 4, generator=g) * 0.5 + 0.25
+    embed = torch.randn(1, Q, 6, generator=g)
+    features = torch.randn(1, 6, 8, 8, generator=g)
+    gt_boxes = torch.rand(T, 4, generator=g) * 0.5 + 0.25
+    gt_masks = torch.rand(T, 32, 32, generator=g) > 0.5
+    torch.manual_seed(seed)
+    C = matcher.cost_matrix(logits[0], boxes[0], embed[0], features[0], gt_boxes, gt_masks)
+    best = min(itertools.permutations(range(Q), T),
+               key=lambda perm: sum(C[q, t].item() for t, q in enumerate(perm)))
+    torch.manual_seed(seed)  # same sampled points as the cost matrix above
+    (q, t), = matcher({"pred_logits": logits, "pred_boxes": boxes, "pred_mask_embed": embed,
+                       "mask_features": features}, [{"boxes": gt_boxes, "masks": gt_masks}])
+    assert sorted(zip(t.tolist(), q.tolist())) == sorted(enumerate(best))
+
+
+def test_matcher_without_targets():
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, 5.0, 5.0, num_points=16)
+    out = matcher({"pred_logits": torch.randn(2, 4, 1), "pred_boxes": torch.rand(2, 4, 4),
+                   "pred_mask_embed": torch.randn(2, 4, 3), "mask_features": torch.randn(2, 3, 8, 8)},
+                  [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2)
+    assert all(len(q) == 0 and len(t) == 0 for q, t in out)
+
+
+def test_masks_to_boxes_normalized():
+    m = torch.zeros(2, 10, 20, dtype=torch.bool)
+    m[0, 2:5, 3:9] = True
+    boxes, nonempty = masks_to_boxes_normalized(m)
+    assert nonempty.tolist() == [True, False]
+    # x in [3, 9), y in [2, 5) -> cx 6/20, cy 3.5/10, w 6/20, h 3/10
+    assert torch.allclose(boxes[0], torch.tensor([0.3, 0.35, 0.3, 0.3]))
+    assert torch.equal(boxes[1], torch.zeros(4))
+
+
+def test_mask_logits_at_points_equal_sampling_the_full_masks():
+    from unip_v2.modeling.image_encoder.point_sampling import (
+        mask_logits_at_points, point_sample, sample_binary_masks)
+    from unip_v2.modeling.image_encoder.proposal_decoder import ProposalDecoder
+
+    g = torch.Generator().manual_seed(0)
+    embed, feats = torch.randn(2, 5, 7, generator=g), torch.randn(2, 7, 9, 11, generator=g)
+    coords = torch.rand(2, 40, 2, generator=g)
+    full = ProposalDecoder.masks_from_embed(embed, feats)                  # (2, 5, 9, 11)
+    assert torch.allclose(mask_logits_at_points(embed, feats, coords),
+                          point_sample(full, coords), atol=1e-5)
+    masks = torch.zeros(3, 4, 8, dtype=torch.bool)
+    masks[1, 1:3, 2:6] = True
+    pts = torch.tensor([[[0.3, 0.4], [0.9, 0.4], [0.26, 0.26], [0.24, 0.5]]])  # (x, y)
+    vals = sample_binary_masks(masks, torch.tensor([1]), pts)
+    assert vals.tolist() == [[1.0, 0.0, 1.0, 0.0]]

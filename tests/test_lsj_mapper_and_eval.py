@@ -1,0 +1,327 @@
+"""COCOInstanceLSJDatasetMapper (large-scale jitter) and ClassAgnosticCOCOEvaluator on a
+tiny synthetic COCO dataset written to a temporary directory."""
+import json
+import logging
+import os
+import uuid
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import unip_v2  # first: makes detectron2 importable without its compiled ops
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.data.common import DatasetFromList
+from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from unip_v2 import add_unip_v2_config
+from unip_v2.data.dataset_mappers import COCOInstanceLSJDatasetMapper, build_dataset_mapper
+from unip_v2.evaluation import ClassAgnosticCOCOEvaluator
+
+# (file, width, height): a picture with objects, a taller one with an RLE object and a crowd
+# region, one without annotations, and a file that is not an image.
+_IMAGES = [("objects.png", 64, 48), ("tall.png", 100, 120), ("empty.png", 40, 40),
+           ("corrupt.png", 32, 32)]
+
+
+def _rect(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def _ann(ann_id, image_id, cat, segm, h, w, iscrowd=0):
+    rle = segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w))
+    if isinstance(rle["counts"], list):
+        rle = mask_util.frPyObjects(rle, h, w)
+    return {"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": segm,
+            "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(),
+            "iscrowd": iscrowd}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    rng = np.random.default_rng(0)
+    for name, w, h in _IMAGES:
+        if name == "corrupt.png":
+            (root / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+            continue
+        # Smooth gradient background so a flipped-then-resized image matches a
+        # resized-then-flipped one closely.
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 0] = np.linspace(0, 200, w, dtype=np.uint8)[None]
+        img[..., 1] = np.linspace(0, 200, h, dtype=np.uint8)[:, None]
+        img[..., 2] = rng.integers(0, 50)
+        cv2.rectangle(img, (10, 8), (29, 27), (0, 0, 255), -1)
+        cv2.imwrite(str(root / name), img)
+
+    anns = [
+        _ann(1, 1, 1, [_rect(10, 8, 30, 28)], 48, 64),
+        _ann(2, 1, 2, [[40, 10, 60, 10, 50, 40]], 48, 64),  # triangle
+        _ann(3, 2, 2, [_rect(5, 5, 45, 95)], 120, 100),
+    ]
+    rle_mask = np.zeros((120, 100), np.uint8, order="F")
+    rle_mask[60:110, 55:95] = 1
+    rle = mask_util.encode(rle_mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    anns.append(_ann(4, 2, 1, rle, 120, 100))
+    crowd = np.zeros((120, 100), np.uint8, order="F")
+    crowd[100:118, 5:40] = 1
+    crowd_rle = mask_util.encode(crowd)
+    crowd_rle["counts"] = crowd_rle["counts"].decode("ascii")
+    anns.append(_ann(5, 2, 1, crowd_rle, 120, 100, iscrowd=1))
+
+    coco = {
+        "images": [{"id": i + 1, "file_name": n, "width": w, "height": h}
+                   for i, (n, w, h) in enumerate(_IMAGES)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    json_file = root / "instances.json"
+    json_file.write_text(json.dumps(coco))
+    name = f"unip_v2_test_lsj_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(name, {}, str(json_file), str(root))
+    dicts = {os.path.basename(d["file_name"]): d for d in DatasetCatalog.get(name)}
+    yield {"name": name, "json": str(json_file), "dicts": dicts}
+    DatasetCatalog.remove(name)
+
+
+def _cfg(image_size=64, min_scale=0.5, max_scale=2.0, flip="horizontal"):
+    cfg = get_cfg()
+    add_unip_v2_config(cfg)
+    cfg.INPUT.IMAGE_SIZE = image_size
+    cfg.INPUT.MIN_SCALE = min_scale
+    cfg.INPUT.MAX_SCALE = max_scale
+    cfg.INPUT.RANDOM_FLIP = flip
+    return cfg
+
+
+def _tight_boxes(masks):
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+# ---------------------------------------------------------------- mapper
+
+
+def test_training_output_format_and_boxes_from_masks(dataset):
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(), is_train=True)
+    for seed in range(4):
+        np.random.seed(seed)
+        for fname in ("objects.png", "tall.png"):
+            d = dataset["dicts"][fname]
+            out = mapper(d)
+            assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 64, 64)
+            assert (out["height"], out["width"]) == (d["height"], d["width"])
+            assert out["image_id"] == d["image_id"] and "annotations" not in out
+            vh, vw = out["valid_size"]
+            assert 0 < vh <= 64 and 0 < vw <= 64
+            inst = out["instances"]
+            assert isinstance(inst, Instances) and inst.image_size == (64, 64)
+            assert isinstance(inst.gt_masks, BitMasks) and isinstance(inst.gt_boxes, Boxes)
+            masks = inst.gt_masks.tensor
+            assert masks.dtype == torch.bool and masks.shape == (len(inst), 64, 64)
+            assert inst.gt_classes.dtype == torch.int64
+            assert set(inst.gt_classes.tolist()) <= {0, 1}
+            assert len(inst) <= 2  # the crowd region of tall.png is never an instance
+            assert masks.flatten(1).any(1).all()  # empty-after-crop objects are dropped
+            assert not masks[:, vh:, :].any() and not masks[:, :, vw:].any()
+            if vh < 64 or vw < 64:
+                pad = torch.ones(64, 64, dtype=torch.bool)
+                pad[:vh, :vw] = False
+                assert (out["image"][:, pad] == 128).all()
+            expected = _tight_boxes(masks.numpy())
+            np.testing.assert_allclose(inst.gt_boxes.tensor.numpy(), expected, atol=1.0)
+
+
+def test_boxes_follow_the_geometry_not_the_bbox_field(dataset):
+    # Scale 1 of a 128 target: 48x64 -> 96x128, no crop, 32 pad rows.
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(128, 1.0, 1.0, "none"), is_train=True)
+    out = mapper(dataset["dicts"]["objects.png"])
+    assert out["valid_size"] == (96, 128)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [0, 1]
+    np.testing.assert_allclose(inst.gt_boxes.tensor[0].numpy(), [20, 16, 60, 56], atol=1.0)
+    # The triangle's apex is thinner than a pixel over its last rows: those stay empty.
+    np.testing.assert_allclose(inst.gt_boxes.tensor[1].numpy(), [80, 20, 120, 80], atol=2.0)
+    # The painted red square ends up under its mask (BGR: channel 2 is red).
+    red = out["image"][2].float()
+    assert red[inst.gt_masks.tensor[0]].mean() > 200
+
+
+def test_resize_scale_range(dataset):
+    d = dataset["dicts"]["tall.png"]  # h=120, w=100
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(128, 0.5, 0.5, "none"), is_train=True)
+    s = min(64 / 120, 64 / 100)
+    assert mapper(d)["valid_size"] == (round(120 * s), round(100 * s)) == (64, 53)
+
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(128, 0.25, 0.75, "none"), is_train=True)
+    np.random.seed(3)
+    long_sides = {max(mapper(d)["valid_size"]) for _ in range(8)}
+    assert len(long_sides) > 1 and all(32 <= x <= 96 for x in long_sides)
+
+
+def test_flip_consistency(dataset):
+    d = dataset["dicts"]["objects.png"]
+    ref = COCOInstanceLSJDatasetMapper(_cfg(128, 1.0, 1.0, "none"), is_train=True)(d)
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(128, 1.0, 1.0, "horizontal"), is_train=True)
+    ref_boxes = ref["instances"].gt_boxes.tensor
+    flipped_boxes = torch.stack(
+        [128 - ref_boxes[:, 2], ref_boxes[:, 1], 128 - ref_boxes[:, 0], ref_boxes[:, 3]], 1)
+    seen = set()
+    np.random.seed(0)
+    for _ in range(8):
+        out = mapper(d)
+        boxes, masks = out["instances"].gt_boxes.tensor, out["instances"].gt_masks.tensor
+        is_flipped = not torch.allclose(boxes, ref_boxes, atol=1.0)
+        seen.add(is_flipped)
+        want_img, want_masks = ref["image"][:, :96], ref["instances"].gt_masks.tensor
+        if is_flipped:
+            torch.testing.assert_close(boxes, flipped_boxes, atol=1.0, rtol=0)
+            want_img, want_masks = want_img.flip(-1), want_masks.flip(-1)
+        assert (out["image"][:, :96].float() - want_img.float()).abs().mean() < 2.0
+        assert (masks != want_masks).float().mean() < 0.01
+    assert seen == {True, False}
+
+
+def test_image_without_annotations(dataset):
+    out = COCOInstanceLSJDatasetMapper(_cfg(), is_train=True)(dataset["dicts"]["empty.png"])
+    inst = out["instances"]
+    assert len(inst) == 0 and inst.image_size == (64, 64)
+    assert inst.gt_masks.tensor.shape == (0, 64, 64)
+    assert inst.gt_boxes.tensor.shape == (0, 4)
+    assert inst.gt_classes.shape == (0,) and inst.gt_classes.dtype == torch.int64
+
+
+def test_corrupt_image_is_skipped_counted_and_retried(dataset, caplog):
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(), is_train=True)
+    bad = dataset["dicts"]["corrupt.png"]
+    with caplog.at_level(logging.WARNING):
+        assert mapper(bad) is None
+    assert mapper.num_skipped == 1
+    assert any("corrupt.png" in r.getMessage() for r in caplog.records)
+
+
+def test_retrying_map_dataset_skips_corrupt_image(dataset):
+    # detectron2 0.6's own MapDataset retries with `random.Random.sample(a_set, k=1)`, which
+    # Python 3.11 rejects; unip_v2.data.build.RetryingMapDataset is what the trainer uses.
+    from unip_v2.data.build import RetryingMapDataset
+
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(), is_train=True)
+    bad = dataset["dicts"]["corrupt.png"]
+    dicts = list(dataset["dicts"].values())
+    mapped = RetryingMapDataset(DatasetFromList(dicts, copy=False), mapper)
+    out = mapped[dicts.index(bad)]
+    assert out is not None and out["image_id"] != bad["image_id"]
+    assert mapper.num_skipped == 1
+
+
+def test_determinism_under_fixed_seed(dataset):
+    mapper = COCOInstanceLSJDatasetMapper(_cfg(64, 0.1, 2.0), is_train=True)
+    d = dataset["dicts"]["tall.png"]
+    outs = []
+    for seed in (7, 7, 8):
+        np.random.seed(seed)
+        outs.append(mapper(d))
+    a, b, c = outs
+    assert torch.equal(a["image"], b["image"]) and a["valid_size"] == b["valid_size"]
+    assert torch.equal(a["instances"].gt_masks.tensor, b["instances"].gt_masks.tensor)
+    assert not torch.equal(a["image"], c["image"])
+
+
+def test_inference_mode(dataset):
+    cfg = _cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 32, 1000
+    out = COCOInstanceLSJDatasetMapper(cfg, is_train=False)(dataset["dicts"]["objects.png"])
+    assert out["image"].shape == (3, 32, 43) and out["valid_size"] == (32, 43)
+    assert "instances" not in out and "annotations" not in out
+
+
+def test_registry_and_bad_input(dataset):
+    cfg = _cfg()
+    assert isinstance(build_dataset_mapper(cfg, is_train=True), COCOInstanceLSJDatasetMapper)
+    cfg.INPUT.DATASET_MAPPER_NAME = "nope"
+    with pytest.raises(ValueError, match="coco_instance_lsj"):
+        build_dataset_mapper(cfg, is_train=True)
+    with pytest.raises(ValueError, match="MIN_SCALE"):
+        COCOInstanceLSJDatasetMapper(_cfg(min_scale=2.0, max_scale=1.0))
+    with pytest.raises(ValueError, match="RANDOM_FLIP"):
+        COCOInstanceLSJDatasetMapper(_cfg(flip="diagonal"))
+
+    mapper = COCOInstanceLSJDatasetMapper(_cfg())
+    d = dict(dataset["dicts"]["objects.png"])
+    d["annotations"] = [{"category_id": 0, "iscrowd": 0, "bbox": [0, 0, 5, 5]}]
+    with pytest.raises(ValueError, match="segmentation"):
+        mapper(d)
+    d["annotations"] = [{"category_id": 0, "iscrowd": 0, "segmentation": [[1, 2, 3, 4, 5]]}]
+    with pytest.raises(ValueError, match="even"):
+        mapper(d)
+    del d["annotations"]
+    with pytest.raises(ValueError, match="annotations"):
+        mapper(d)
+
+
+# ---------------------------------------------------------------- evaluator
+
+
+def _evaluate(dataset, make_outputs):
+    evaluator = ClassAgnosticCOCOEvaluator(dataset["name"], distributed=False)
+    evaluator.reset()
+    coco = COCO(dataset["json"])
+    gen = torch.Generator().manual_seed(0)
+    for img in coco.dataset["images"]:
+        h, w = img["height"], img["width"]
+        anns = [a for a in coco.imgToAnns[img["id"]] if not a["iscrowd"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])
+                                 if anns else np.zeros((0, h, w), np.uint8)).bool()
+        inst = Instances((h, w))
+        inst.pred_boxes, inst.pred_masks = Boxes(boxes), masks
+        inst.scores = torch.ones(len(anns))
+        inst.pred_classes = torch.randint(0, 2, (len(anns),), generator=gen)
+        inst = make_outputs(inst)
+        evaluator.process([{"image_id": img["id"]}], [{"instances": inst}])
+    return evaluator.evaluate()
+
+
+def test_evaluator_perfect_predictions_with_wrong_classes(dataset):
+    before = open(dataset["json"]).read()
+    results = _evaluate(dataset, lambda inst: inst)
+    assert open(dataset["json"]).read() == before
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == pytest.approx(100.0)
+        assert results[task]["AP50"] == pytest.approx(100.0)
+        assert results[task]["AR@100"] == pytest.approx(100.0)
+        assert {"AP75", "APs", "APm", "APl", "AR@1", "AR@10"} <= set(results[task])
+
+
+def test_evaluator_shifted_predictions_score_lower(dataset):
+    def shift(inst):
+        inst.pred_boxes = Boxes(inst.pred_boxes.tensor + 6)
+        inst.pred_masks = inst.pred_masks.roll((6, 6), dims=(1, 2))
+        return inst
+
+    results = _evaluate(dataset, shift)
+    for task in ("bbox", "segm"):
+        assert 0 <= results[task]["AP"] < 90
+        assert results[task]["AR@100"] < 90
+
+
+def test_evaluator_without_detections_scores_zero(dataset):
+    results = _evaluate(dataset, lambda inst: inst[torch.zeros(len(inst), dtype=torch.bool)])
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == 0 and results[task]["AR@100"] == 0
+
+
+def test_evaluator_rejects_unknown_task(dataset):
+    with pytest.raises(ValueError, match="tasks"):
+        ClassAgnosticCOCOEvaluator(dataset["name"], tasks=("keypoints",), distributed=False)
