@@ -4,7 +4,7 @@
     python tools/train_net.py --config-file configs/toy/proposal_network_R18.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --resume      # continue from last_checkpoint
-    python tools/train_net.py --config-file ... --num-gpus 8  # one process per GPU
+    python tools/train_net.py --config-file ... --num-gpus N  # one process per GPU (untested yet)
 
 Any trailing KEY VALUE pairs override the config.
 """
