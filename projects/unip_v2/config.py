@@ -158,6 +158,61 @@ def add_unip_v2_config(cfg: CN) -> None:
     # focal loss against the final decoder layer's assignment; weight of that loss.
     cfg.MODEL.IMAGE_ENCODER.LOSS.PROPOSAL_CLASS_WEIGHT = 2.0
 
+    # ---------------------------------------------------------------- text encoder
+    # (keys of f_text: unip_v2/modeling/text_encoder/)
+    # f_text (Eq. 4): RoBERTa's byte-level BPE tokenizer + RoBERTa, projected to OUTPUT_DIM.
+    cfg.MODEL.TEXT_ENCODER = CN()
+    # Local directory of a pretrained RoBERTa (config.json + weights, e.g. roberta-base as
+    # written by save_pretrained); "" = random init from the architecture keys below, which
+    # a pretrained model ignores (its own config.json wins).
+    cfg.MODEL.TEXT_ENCODER.PRETRAINED = ""
+    # Local directory with the tokenizer's vocab.json + merges.txt ("" = the PRETRAINED
+    # directory). tools/train_toy_tokenizer.py trains one on the toy_shapes captions.
+    cfg.MODEL.TEXT_ENCODER.TOKENIZER = ""
+    # RoBERTa width H (roberta-base 768); used only without PRETRAINED.
+    cfg.MODEL.TEXT_ENCODER.HIDDEN_SIZE = 768
+    # RoBERTa transformer layers (roberta-base 12); used only without PRETRAINED.
+    cfg.MODEL.TEXT_ENCODER.NUM_LAYERS = 12
+    # RoBERTa attention heads (roberta-base 12); used only without PRETRAINED.
+    cfg.MODEL.TEXT_ENCODER.NUM_HEADS = 12
+    # RoBERTa FFN width (roberta-base 3072); used only without PRETRAINED.
+    cfg.MODEL.TEXT_ENCODER.INTERMEDIATE_SIZE = 3072
+    # RoBERTa position table size (roberta-base 514 = 512 tokens + the padding offset of 2);
+    # used only without PRETRAINED.
+    cfg.MODEL.TEXT_ENCODER.MAX_POSITION_EMBEDDINGS = 514
+    # Most tokens per text, <s> and </s> included; longer texts are truncated (keeping
+    # </s>). 64 covers captions and category names; at most MAX_POSITION_EMBEDDINGS - 2.
+    cfg.MODEL.TEXT_ENCODER.CONTEXT_LENGTH = 64
+    # Width of the returned token features (the unified decoder's); a Linear projects
+    # RoBERTa's hidden size to it when they differ, identity otherwise.
+    cfg.MODEL.TEXT_ENCODER.OUTPUT_DIM = 768
+
+    # ---------------------------------------------------------------- unified decoder
+    # (keys of g and its conditional MoE: unip_v2/modeling/unified_decoder/)
+    # g (paper App. B): a 6-layer pre-LN Transformer of BERT-base width, no layer-scale.
+    cfg.MODEL.UNIFIED_DECODER = CN()
+    # Token width of g (the image and text encoders project to it).
+    cfg.MODEL.UNIFIED_DECODER.WIDTH = 768
+    # Number of Transformer layers.
+    cfg.MODEL.UNIFIED_DECODER.DEPTH = 6
+    # Attention heads per layer.
+    cfg.MODEL.UNIFIED_DECODER.NUM_HEADS = 12
+    # Hidden width of each FFN (GELU between its two linears).
+    cfg.MODEL.UNIFIED_DECODER.FFN_DIM = 3072
+    # Stochastic-depth rate, the same for every layer.
+    cfg.MODEL.UNIFIED_DECODER.DROP_PATH = 0.1
+    # Dropout on attention probabilities and on the attention / FFN outputs.
+    cfg.MODEL.UNIFIED_DECODER.DROPOUT = 0.0
+    # Conditional MoE in every FFN, routed on segment attributes (attributes.py); the gate
+    # adds Gaussian noise of std 1 / NUM_EXPERTS to its logits in training only.
+    cfg.MODEL.UNIFIED_DECODER.MOE = CN()
+    # False: plain dense FFNs (the Table 3 ablation).
+    cfg.MODEL.UNIFIED_DECODER.MOE.ENABLED = True
+    # Experts per FFN.
+    cfg.MODEL.UNIFIED_DECODER.MOE.NUM_EXPERTS = 8
+    # Experts merged per segment (their softmax weights renormalised to sum to 1).
+    cfg.MODEL.UNIFIED_DECODER.MOE.TOP_K = 2
+
     # ---------------------------------------------------------------- input
     # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
     # fixed-size crop, boxes recomputed from the cropped masks).
@@ -175,6 +230,9 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Learning-rate multiplier of the image encoder's backbone (0.1 for pretrained
     # encoders, Sec. 5.2).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate multiplier of f_text (0.1 for the pretrained RoBERTa, Sec. 5.2); the
+    # optimizer applies it to every parameter whose name starts with "text_encoder.".
+    cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1
     # Weight decay of embeddings (level/query/position embeddings, Swin's relative
     # position tables).
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0

@@ -2,7 +2,8 @@
 and optional gradient clipping over the whole model.
 
 - Parameters of the image encoder's backbone train at SOLVER.BACKBONE_MULTIPLIER x the
-  base learning rate (pretrained encoders move slowly, Sec. 5.2).
+  base learning rate, those of the text encoder (names starting with "text_encoder.") at
+  SOLVER.TEXT_ENCODER_MULTIPLIER x (pretrained encoders move slowly, Sec. 5.2).
 - Normalisation parameters take SOLVER.WEIGHT_DECAY_NORM; embeddings (level / query /
   position embeddings, Swin's relative position tables) take SOLVER.WEIGHT_DECAY_EMBED.
 - SOLVER.CLIP_GRADIENTS with CLIP_TYPE "full_model" clips the global norm over all
@@ -26,6 +27,7 @@ _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 _EMBED_NAMES = ("level_embed", "relative_position_bias_table", "absolute_pos_embed",
                 "pos_embed", "queries")
 _BACKBONE_PREFIX = "image_encoder.backbone."
+_TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def optimizer_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
@@ -42,6 +44,8 @@ def optimizer_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
             lr = base_lr
             if full.startswith(_BACKBONE_PREFIX):
                 lr = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
+            elif full.startswith(_TEXT_ENCODER_PREFIX):
+                lr = base_lr * cfg.SOLVER.TEXT_ENCODER_MULTIPLIER
             decay = wd
             if isinstance(module, _NORM_TYPES) or "norm" in module_name.rsplit(".", 1)[-1]:
                 decay = cfg.SOLVER.WEIGHT_DECAY_NORM

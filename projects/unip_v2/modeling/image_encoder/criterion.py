@@ -135,7 +135,7 @@ class ProposalCriterion(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, outputs: Dict, targets: List[Dict],
-                proposal_logits: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                proposal_logits: Optional[torch.Tensor] = None, return_matches: bool = False):
         """
         Args:
             outputs: ProposalDecoder.forward's dict.
@@ -144,8 +144,10 @@ class ProposalCriterion(nn.Module):
             proposal_logits: (B, Q) objectness of the fused general region proposals
                 (same query order as the decoder's), trained against the final layer's
                 assignment.
+            return_matches: also return the final layer's assignment (per image (query
+                indices, gt indices)), which the unified class loss reuses.
         Returns:
-            weighted losses.
+            weighted losses (dict), and the assignment if return_matches.
         """
         device = outputs["layers"][-1]["pred_logits"].device
         num_boxes = num_boxes_across_processes(targets, device)
@@ -180,4 +182,4 @@ class ProposalCriterion(nn.Module):
                 losses.update(self._weighted(self.set_losses(
                     out, targets, dn_indices, dn_norm,
                     object_target=queries.positive_mask.to(out["pred_logits"].dtype)), suffix))
-        return losses
+        return (losses, final_indices) if return_matches else losses

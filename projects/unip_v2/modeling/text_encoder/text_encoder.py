@@ -1,0 +1,155 @@
+"""f_text (Eq. 4 of seed 001): RoBERTa token features of a text, projected to the unified
+decoder's width.
+
+    texts --tokenize--> input_ids (B, L), attention_mask (B, L)
+          --RoBERTa--> (B, L, H) --Linear or identity--> (B, L, D_out)
+
+L <= CONTEXT_LENGTH counts <s> and </s>; longer texts are truncated (their </s> is kept).
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+
+from .tokenizer import build_tokenizer
+
+__all__ = ["TextEncoder", "build_roberta"]
+
+
+def build_roberta(tokenizer, pretrained: str = "", hidden_size: int = 768,
+                  num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072,
+                  max_position_embeddings: int = 514) -> nn.Module:
+    """A ``transformers.RobertaModel`` without pooler.
+
+    From the local directory ``pretrained`` (``config.json`` + weights, as written by
+    ``save_pretrained``; the architecture arguments are then ignored), or, when it is "",
+    random-initialised with the given architecture and a vocabulary of ``len(tokenizer)``.
+    """
+    from transformers import RobertaConfig, RobertaModel
+
+    if pretrained:
+        # local_files_only: the path must be a directory here; no hub look-up.
+        model = RobertaModel.from_pretrained(pretrained, add_pooling_layer=False,
+                                             local_files_only=True)
+        # transformers 5 keeps a checkpoint's stored dtype; train in fp32 like the rest of
+        # the model (autocast handles mixed precision).
+        model = model.to(torch.float32)
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(f"RoBERTa at {pretrained!r} has vocab_size "
+                             f"{model.config.vocab_size} < the tokenizer's {len(tokenizer)} "
+                             "tokens: they do not belong together")
+        return model
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        # RoBERTa has one segment type (roberta-base's type_vocab_size is 1).
+        type_vocab_size=1,
+        # Position ids start after pad_token_id, so the model must know the tokenizer's ids.
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return RobertaModel(config, add_pooling_layer=False)
+
+
+class TextEncoder(nn.Module):
+    """RoBERTa text encoder with an output projection.
+
+    ``tokenize(texts)`` -> ``(input_ids (B, L) int64, attention_mask (B, L) int64, 1 = token)``
+    on the module's device; ``forward(input_ids, attention_mask)`` ->
+    ``(features (B, L, output_dim) float, padding_mask (B, L) bool, True = padding)``;
+    ``encode(texts)`` does both.
+    """
+
+    @configurable
+    def __init__(self, *, tokenizer, roberta: nn.Module, output_dim: int, context_length: int):
+        """
+        Args:
+            tokenizer: a RoBERTa tokenizer (:func:`build_tokenizer`).
+            roberta: a ``RobertaModel`` (:func:`build_roberta`).
+            output_dim: width of the returned features; a Linear projects RoBERTa's
+                hidden size to it when they differ.
+            context_length: most tokens per text, <s> and </s> included (>= 3, and at
+                most RoBERTa's max_position_embeddings - 2, as positions start after the
+                padding id).
+        """
+        super().__init__()
+        max_len = roberta.config.max_position_embeddings - (roberta.config.pad_token_id + 1)
+        if not 3 <= context_length <= max_len:
+            raise ValueError(f"context_length must be in [3, {max_len}] (RoBERTa's "
+                             f"max_position_embeddings {roberta.config.max_position_embeddings}"
+                             f" minus padding offset), got {context_length}")
+        self.tokenizer = tokenizer
+        self.roberta = roberta
+        self.context_length = int(context_length)
+        self.hidden_size = int(roberta.config.hidden_size)
+        self.output_dim = int(output_dim)
+        self.proj = (nn.Identity() if self.output_dim == self.hidden_size
+                     else nn.Linear(self.hidden_size, self.output_dim))
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.TEXT_ENCODER
+        # A RoBERTa release directory holds the tokenizer files too.
+        tokenizer_dir = c.TOKENIZER or c.PRETRAINED
+        if not tokenizer_dir:
+            raise ValueError("MODEL.TEXT_ENCODER.TOKENIZER (or PRETRAINED) must name a local "
+                             "directory with vocab.json + merges.txt")
+        tokenizer = build_tokenizer(tokenizer_dir)
+        roberta = build_roberta(
+            tokenizer, pretrained=c.PRETRAINED, hidden_size=c.HIDDEN_SIZE,
+            num_layers=c.NUM_LAYERS, num_heads=c.NUM_HEADS,
+            intermediate_size=c.INTERMEDIATE_SIZE,
+            max_position_embeddings=c.MAX_POSITION_EMBEDDINGS)
+        return {"tokenizer": tokenizer, "roberta": roberta, "output_dim": c.OUTPUT_DIM,
+                "context_length": c.CONTEXT_LENGTH}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> ``(input_ids (B, L) int64, attention_mask (B, L) int64)`` on the module's
+        device, right-padded to the longest text, L <= context_length."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0 or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings, got "
+                             f"{len(texts)} items of types {sorted({type(t).__name__ for t in texts})}")
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.context_length, return_tensors="pt")
+        device = self.device
+        return (enc["input_ids"].to(device=device, dtype=torch.long),
+                enc["attention_mask"].to(device=device, dtype=torch.long))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            input_ids: (B, L) integer token ids, L <= context_length.
+            attention_mask: (B, L) bool or integer, nonzero/True = real token.
+
+        Returns:
+            features: (B, L, output_dim), RoBERTa's last hidden states, projected.
+            padding_mask: (B, L) bool, True where the position is padding.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.is_complex():
+            raise ValueError(f"input_ids must be an integer (B, L) tensor, got shape "
+                             f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0 or not 1 <= input_ids.shape[1] <= self.context_length:
+            raise ValueError(f"input_ids shape {tuple(input_ids.shape)} needs B >= 1 and "
+                             f"1 <= L <= context_length {self.context_length}")
+        attention_mask = attention_mask.to(dtype=torch.long)
+        hidden = self.roberta(input_ids=input_ids.long(),
+                              attention_mask=attention_mask).last_hidden_state
+        return self.proj(hidden), attention_mask == 0
+
+    def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward(*tokenize(texts))``: texts -> (features (B, L, D_out), padding_mask (B, L))."""
+        return self(*self.tokenize(texts))
