@@ -213,6 +213,15 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Experts merged per segment (their softmax weights renormalised to sum to 1).
     cfg.MODEL.UNIFIED_DECODER.MOE.TOP_K = 2
 
+    # ---------------------------------------------------------------- detection task
+    # Detection and instance segmentation through class-name embeddings (UniPerceiverV2).
+    cfg.MODEL.DETECTION = CN()
+    # Weight of the unified class loss (Eq. 7) on proposals matched to ground truth.
+    cfg.MODEL.DETECTION.CLASS_LOSS_WEIGHT = 1.0
+    # Category names used at test time instead of DATASETS.TEST's thing_classes (open
+    # vocabulary); [] = the dataset's names.
+    cfg.MODEL.DETECTION.TEST_CLASS_NAMES = []
+
     # ---------------------------------------------------------------- input
     # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
     # fixed-size crop, boxes recomputed from the cropped masks).

@@ -14,7 +14,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from ..image_encoder import HungarianMatcher, ImageEncoder, ImageEncoderOutput, ProposalCriterion
 
-__all__ = ["UniPerceiverV2ProposalNetwork", "build_proposal_criterion"]
+__all__ = ["UniPerceiverV2ProposalNetwork", "build_proposal_criterion", "proposal_instances"]
 
 
 def build_proposal_criterion(cfg) -> ProposalCriterion:
@@ -111,24 +111,39 @@ class UniPerceiverV2ProposalNetwork(nn.Module):
         """Top detections_per_image proposals per image, scored by the fused proposal
         objectness; boxes and masks in the output resolution ("height", "width")."""
         results = []
-        H, W = canvas_hw
         k = min(self.detections_per_image, out.regional_objectness.shape[1])
         for b, x in enumerate(batched_inputs):
-            h, w = out.image_sizes[b]
-            out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
-            scores = out.regional_objectness[b].sigmoid()
-            top = scores.topk(k).indices
-            boxes = box_convert(out.regional_boxes[b, top].float(), "cxcywh", "xyxy")
-            boxes = boxes * torch.tensor([out_w, out_h, out_w, out_h], device=boxes.device)
-            masks = F.interpolate(out.regional_mask_logits[b, top][None].float(), size=(H, W),
-                                  mode="bilinear", align_corners=False)[:, :, :h, :w]
-            masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear",
-                                  align_corners=False)[0]
-            inst = Instances((out_h, out_w))
-            inst.pred_boxes = Boxes(boxes)
-            inst.pred_boxes.clip((out_h, out_w))
-            inst.scores = scores[top]
-            inst.pred_classes = torch.zeros(len(top), dtype=torch.int64, device=boxes.device)
-            inst.pred_masks = masks > 0
-            results.append({"instances": inst})
+            scores, top = out.regional_objectness[b].sigmoid().topk(k)
+            results.append({"instances": proposal_instances(
+                out, b, x, canvas_hw, top, scores, torch.zeros_like(top))})
         return results
+
+
+def proposal_instances(out: ImageEncoderOutput, b: int, x: Dict, canvas_hw, proposals,
+                       scores, classes) -> Instances:
+    """Instances of image b from chosen regional proposals.
+
+    Args:
+        out: the image encoder's output; x: the image's input dict ("height"/"width" give
+            the output resolution, default the input size); canvas_hw: padded (H, W).
+        proposals: (k,) indices among the O proposals (may repeat); scores: (k,);
+        classes: (k,) int64.
+    Returns:
+        Instances with pred_boxes (XYXY, output pixels, clipped), scores, pred_classes and
+        pred_masks (k, height, width) bool.
+    """
+    H, W = canvas_hw
+    h, w = out.image_sizes[b]
+    out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+    boxes = box_convert(out.regional_boxes[b, proposals].float(), "cxcywh", "xyxy")
+    boxes = boxes * torch.tensor([out_w, out_h, out_w, out_h], device=boxes.device)
+    masks = F.interpolate(out.regional_mask_logits[b, proposals][None].float(), size=(H, W),
+                          mode="bilinear", align_corners=False)[:, :, :h, :w]
+    masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+    inst = Instances((out_h, out_w))
+    inst.pred_boxes = Boxes(boxes)
+    inst.pred_boxes.clip((out_h, out_w))
+    inst.scores = scores
+    inst.pred_classes = classes.to(torch.int64)
+    inst.pred_masks = masks > 0
+    return inst

@@ -1,0 +1,92 @@
+"""UniPerceiverV2: detection and instance segmentation through class-name embeddings."""
+import pytest
+import torch
+
+import unip_v2  # noqa: F401  first: makes detectron2 importable
+
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+
+from unip_v2.modeling.text_encoder import train_byte_level_bpe
+
+from test_image_encoder import make_sample, tiny_cfg as tiny_proposal_cfg
+
+NAMES = ["red circle", "green square", "blue triangle"]
+TRAIN_SET = "unip_test_uni_perceiver_v2_names"
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    tok = str(tmp_path_factory.mktemp("tok"))
+    train_byte_level_bpe(NAMES * 4 + ["a red circle and a blue triangle"] * 4, tok,
+                         vocab_size=300, min_frequency=1)
+    MetadataCatalog.get(TRAIN_SET).set(thing_classes=NAMES)
+    cfg = tiny_proposal_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "UniPerceiverV2"
+    cfg.DATASETS.TRAIN = (TRAIN_SET,)
+    cfg.DATASETS.TEST = (TRAIN_SET,)
+    # every query is a proposal: each matched query gets a class loss from the first step
+    cfg.MODEL.IMAGE_ENCODER.TOPK_PROPOSALS = cfg.MODEL.IMAGE_ENCODER.NUM_QUERIES
+    t = cfg.MODEL.TEXT_ENCODER
+    t.TOKENIZER = tok
+    t.HIDDEN_SIZE, t.NUM_LAYERS, t.NUM_HEADS, t.INTERMEDIATE_SIZE = 32, 1, 2, 64
+    t.MAX_POSITION_EMBEDDINGS, t.CONTEXT_LENGTH, t.OUTPUT_DIM = 34, 16, 64
+    d = cfg.MODEL.UNIFIED_DECODER
+    d.WIDTH, d.DEPTH, d.NUM_HEADS, d.FFN_DIM, d.DROP_PATH = 64, 1, 2, 128, 0.0
+    d.MOE.NUM_EXPERTS = 4
+    return cfg
+
+
+def batch():
+    samples = [make_sample(96, 128, [(5, 5, 40, 50), (30, 20, 90, 80)], 0),
+               make_sample(96, 128, [(10, 10, 60, 40)], 1)]
+    samples[0]["instances"].gt_classes = torch.tensor([0, 2])
+    samples[1]["instances"].gt_classes = torch.tensor([1])
+    return samples
+
+
+def test_training_losses_include_the_unified_class_loss(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses = model(batch())
+    assert "loss_class" in losses and "loss_ce" in losses
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_class"] > 0
+    sum(losses.values()).backward()
+    # the class loss reaches the text encoder, the unified decoder and the temperature
+    for name in ("text_encoder.roberta.embeddings.word_embeddings.weight",
+                 "unified_decoder.spe", "logit_scale.log_scale"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_inference_instances_and_cached_class_embeddings(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    samples = batch()
+    samples[0]["height"], samples[0]["width"] = 192, 256
+    with torch.no_grad():
+        out = model(samples)
+        again = model(samples)
+    inst = out[0]["instances"]
+    assert inst.image_size == (192, 256) and len(inst) == cfg.TEST.DETECTIONS_PER_IMAGE == 10
+    assert inst.pred_masks.shape == (len(inst), 192, 256)
+    assert ((inst.pred_classes >= 0) & (inst.pred_classes < len(NAMES))).all()
+    assert (inst.scores[:-1] >= inst.scores[1:]).all()
+    assert torch.equal(inst.scores, again[0]["instances"].scores)   # eval is deterministic
+    assert model.target_bank.num_encodings == 1                     # names encoded once
+
+
+def test_test_class_names_replace_the_vocabulary(cfg):
+    cfg = cfg.clone()
+    cfg.MODEL.DETECTION.TEST_CLASS_NAMES = ["purple pentagon", "red circle"]
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        inst = model(batch())[0]["instances"]
+    assert set(inst.pred_classes.tolist()) <= {0, 1}
+
+
+def test_widths_must_match(cfg):
+    cfg = cfg.clone()
+    cfg.MODEL.TEXT_ENCODER.OUTPUT_DIM = 32
+    with pytest.raises(ValueError, match="MODEL.TEXT_ENCODER.OUTPUT_DIM=32 must equal"):
+        build_model(cfg)
