@@ -20,7 +20,6 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from unip_v2 import add_unip_v2_config
 from unip_v2.layers import MSDeformAttn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

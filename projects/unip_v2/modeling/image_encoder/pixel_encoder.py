@@ -56,7 +56,8 @@ class PixelEncoder(nn.Module):
         in_features: [F0, F1, F2, F3] names (strides 4, 8, 16, 32).
         hidden_dim: d. num_levels: encoder levels (len(in_features) - 1 + extra levels).
         enc_layers, nheads, dim_feedforward, dropout, enc_n_points: Table 7.
-        mask_dim: channels of the mask map. norm: "GN" etc. for the convs.
+        mask_dim: channels of the mask map. norm: "GN" etc. for the input projections and
+            the mask branch (MODEL.IMAGE_ENCODER.NORM).
     """
 
     def __init__(self, input_shape: Dict[str, ShapeSpec], in_features: List[str],
@@ -78,11 +79,11 @@ class PixelEncoder(nn.Module):
         self.hidden_dim = hidden_dim
 
         proj = [nn.Sequential(nn.Conv2d(input_shape[f].channels, hidden_dim, 1),
-                              nn.GroupNorm(32, hidden_dim)) for f in self.level_features]
+                              get_norm(norm, hidden_dim)) for f in self.level_features]
         in_ch = input_shape[self.level_features[-1]].channels
         for _ in range(num_extra):
             proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden_dim, 3, stride=2, padding=1),
-                                      nn.GroupNorm(32, hidden_dim)))
+                                      get_norm(norm, hidden_dim)))
             in_ch = hidden_dim
         self.input_proj = nn.ModuleList(proj)
         for p in self.input_proj:

@@ -16,7 +16,6 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...layers import MLP
 from ...utils.box_ops import inverse_sigmoid, masks_to_boxes_normalized

@@ -6,7 +6,7 @@ decoder's width.
 
 L <= CONTEXT_LENGTH counts <s> and </s>; longer texts are truncated (their </s> is kept).
 """
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
