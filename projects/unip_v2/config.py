@@ -239,6 +239,10 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Learning-rate multiplier of the image encoder's backbone (0.1 for pretrained
     # encoders, Sec. 5.2).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate multiplier of the rest of the image encoder (pixel encoder, proposal
+    # decoder, general region proposals, global tokens): 1 when it trains from scratch, 0.1
+    # when it starts from converted Mask DINO weights.
+    cfg.SOLVER.IMAGE_ENCODER_MULTIPLIER = 1.0
     # Learning-rate multiplier of f_text (0.1 for the pretrained RoBERTa, Sec. 5.2); the
     # optimizer applies it to every parameter whose name starts with "text_encoder.".
     cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1

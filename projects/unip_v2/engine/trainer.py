@@ -2,6 +2,8 @@
 optimiser. Used by tools/train_net.py (train, --eval-only, --resume)."""
 import os
 
+import torch
+
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 
@@ -17,6 +19,16 @@ CLASS_AGNOSTIC_ARCHS = ("UniPerceiverV2ProposalNetwork",)
 
 
 class Trainer(DefaultTrainer):
+    """SOLVER.AMP.ENABLED trains under fp16 autocast with a gradient scaler (detectron2's
+    AMPTrainer, CUDA only); losses and the matcher run in float32 whatever the autocast."""
+
+    def __init__(self, cfg):
+        if cfg.SOLVER.AMP.ENABLED and (cfg.MODEL.DEVICE == "cpu" or not torch.cuda.is_available()):
+            raise ValueError(f"SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer "
+                             f"uses CUDA autocast); MODEL.DEVICE is {cfg.MODEL.DEVICE!r} and "
+                             f"torch.cuda.is_available() is {torch.cuda.is_available()}")
+        super().__init__(cfg)
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True))

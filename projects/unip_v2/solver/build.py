@@ -1,11 +1,18 @@
 """Optimiser of unip-v2: AdamW (or SGD) with per-parameter learning rate and weight decay,
 and optional gradient clipping over the whole model.
 
-- Parameters of the image encoder's backbone train at SOLVER.BACKBONE_MULTIPLIER x the
-  base learning rate, those of the text encoder (names starting with "text_encoder.") at
-  SOLVER.TEXT_ENCODER_MULTIPLIER x (pretrained encoders move slowly, Sec. 5.2).
-- Normalisation parameters take SOLVER.WEIGHT_DECAY_NORM; embeddings (level / query /
-  position embeddings, Swin's relative position tables) take SOLVER.WEIGHT_DECAY_EMBED.
+- Learning rate = SOLVER.BASE_LR x a multiplier chosen by the parameter's name
+  (pretrained encoders move slowly, Sec. 5.2):
+    "image_encoder.backbone."  SOLVER.BACKBONE_MULTIPLIER
+    "image_encoder." (the rest: pixel encoder, proposal decoder, region proposals, global
+                      tokens)   SOLVER.IMAGE_ENCODER_MULTIPLIER
+    "text_encoder."            SOLVER.TEXT_ENCODER_MULTIPLIER
+    anything else (unified decoder, task heads, temperatures)   1
+- Weight decay, first rule that matches: normalisation parameters SOLVER.WEIGHT_DECAY_NORM;
+  temperatures (`LogitScale`) none, since decay would pull every task's logit scale towards
+  1; embeddings (nn.Embedding, level / query / position embeddings, `<SPE>`, Swin's
+  relative position tables) SOLVER.WEIGHT_DECAY_EMBED; biases SOLVER.WEIGHT_DECAY_BIAS
+  (None: SOLVER.WEIGHT_DECAY); the rest SOLVER.WEIGHT_DECAY.
 - SOLVER.CLIP_GRADIENTS with CLIP_TYPE "full_model" clips the global norm over all
   parameters (Mask DINO / Mask2Former); "value" and "norm" are detectron2's per-parameter
   clipping.
@@ -18,6 +25,8 @@ from torch import nn
 
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from ..modeling.tasks.detection import LogitScale
+
 __all__ = ["build_optimizer", "optimizer_param_groups"]
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
@@ -25,15 +34,38 @@ _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                nn.LocalResponseNorm)
 # parameter names (last component) that are embeddings rather than weights
 _EMBED_NAMES = ("level_embed", "relative_position_bias_table", "absolute_pos_embed",
-                "pos_embed", "queries")
+                "pos_embed", "queries", "spe")
 _BACKBONE_PREFIX = "image_encoder.backbone."
+_IMAGE_ENCODER_PREFIX = "image_encoder."
 _TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def _lr_multiplier(cfg, name: str) -> float:
+    if name.startswith(_BACKBONE_PREFIX):
+        return cfg.SOLVER.BACKBONE_MULTIPLIER
+    if name.startswith(_IMAGE_ENCODER_PREFIX):
+        return cfg.SOLVER.IMAGE_ENCODER_MULTIPLIER
+    if name.startswith(_TEXT_ENCODER_PREFIX):
+        return cfg.SOLVER.TEXT_ENCODER_MULTIPLIER
+    return 1.0
+
+
+def _weight_decay(cfg, module: nn.Module, name: str) -> float:
+    if isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower():
+        return cfg.SOLVER.WEIGHT_DECAY_NORM
+    if isinstance(module, LogitScale):
+        return 0.0
+    if isinstance(module, nn.Embedding) or name in _EMBED_NAMES:
+        return cfg.SOLVER.WEIGHT_DECAY_EMBED
+    if name == "bias" or name.endswith("_bias"):
+        bias = cfg.SOLVER.WEIGHT_DECAY_BIAS
+        return cfg.SOLVER.WEIGHT_DECAY if bias is None else bias
+    return cfg.SOLVER.WEIGHT_DECAY
 
 
 def optimizer_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
     """One group per trainable parameter with its lr and weight_decay (each parameter once,
     even if shared between modules)."""
-    base_lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
     groups, seen = [], set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -41,17 +73,8 @@ def optimizer_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
                 continue
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
-            lr = base_lr
-            if full.startswith(_BACKBONE_PREFIX):
-                lr = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
-            elif full.startswith(_TEXT_ENCODER_PREFIX):
-                lr = base_lr * cfg.SOLVER.TEXT_ENCODER_MULTIPLIER
-            decay = wd
-            if isinstance(module, _NORM_TYPES) or "norm" in module_name.rsplit(".", 1)[-1]:
-                decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            elif isinstance(module, nn.Embedding) or name in _EMBED_NAMES:
-                decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
-            groups.append({"params": [p], "lr": lr, "weight_decay": decay})
+            groups.append({"params": [p], "lr": cfg.SOLVER.BASE_LR * _lr_multiplier(cfg, full),
+                           "weight_decay": _weight_decay(cfg, module, name)})
     return groups
 
 

@@ -143,7 +143,7 @@ def proposal_instances(out: ImageEncoderOutput, b: int, x: Dict, canvas_hw, prop
     inst = Instances((out_h, out_w))
     inst.pred_boxes = Boxes(boxes)
     inst.pred_boxes.clip((out_h, out_w))
-    inst.scores = scores
+    inst.scores = scores.float()  # float32 even under autocast, as evaluators expect
     inst.pred_classes = classes.to(torch.int64)
     inst.pred_masks = masks > 0
     return inst
