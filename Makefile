@@ -1,6 +1,8 @@
 # unip-v2 developer commands.
 #   make install      set up $(VENV) (idempotent; seconds when nothing changed)
 #   make test         install, then run the test suite on CPU
+#   make demo         install, then the main job: train + evaluate + draw the toy
+#                     Uni-Perceiver v2 on CPU (~17 minutes on 2 cores; output/main_job)
 #   make check-cuda   compile the CUDA kernels (no GPU needed; skipped without nvcc)
 #   make clean        remove build outputs (keeps the venv)
 SHELL := /bin/bash
@@ -15,7 +17,7 @@ CUDA_ARCHS ?= $(or $(TORCH_CUDA_ARCH_LIST),8.0;9.0)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export VENV
 
-.PHONY: install test check-cuda clean
+.PHONY: install test demo check-cuda clean
 
 install:
 	bash tools/install.sh
@@ -25,6 +27,10 @@ test: install
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED, pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# DEMO_ARGS: options of tools/main_job.py, e.g. DEMO_ARGS="--fresh" or "SOLVER.MAX_ITER 50"
+demo: install
+	$(PY) tools/main_job.py $(DEMO_ARGS)
 
 # Compile-only build of the CUDA sources into build/cuda-check (needs nvcc, not a GPU):
 #   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(PY) setup.py build_ext \

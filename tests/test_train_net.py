@@ -25,7 +25,7 @@ def run(tmp_path_factory):
     pixels; returns the completed process."""
     datasets = tmp_path_factory.mktemp("datasets")
     toy = os.path.join(datasets, "toy_shapes")
-    ensure_toy_shapes(toy, num_train=6, num_val=3, seed=0)
+    ensure_toy_shapes(toy, num_train=6, num_val=3, seed=0, num_novel=1)
     tokenizer = ensure_toy_tokenizer(toy, vocab_size=300)["path"]
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="2")
 

@@ -1,4 +1,6 @@
-"""Training / evaluation loop (detectron2's DefaultTrainer with unip-v2's builders)."""
+"""Training / evaluation loop (detectron2's DefaultTrainer with unip-v2's builders) and the
+predictor of the demo."""
+from .predictor import Predictor, parse_vocabulary
 from .trainer import Trainer
 
-__all__ = ["Trainer"]
+__all__ = ["Predictor", "Trainer", "parse_vocabulary"]

@@ -1,9 +1,11 @@
 """`Trainer`: detectron2's DefaultTrainer with unip-v2's data mappers, evaluators and
 optimiser. Used by tools/train_net.py (train, --eval-only, --resume)."""
 import os
+from collections import OrderedDict
 
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 
@@ -49,3 +51,25 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's test loop; a model with an open vocabulary is told each test
+        dataset's thing_classes before it is evaluated (unless
+        MODEL.DETECTION.TEST_CLASS_NAMES fixes the names), so DATASETS.TEST may hold datasets
+        with different categories (toy_shapes_val and toy_shapes_novel, say)."""
+        core = getattr(model, "module", model)   # DistributedDataParallel wraps the model
+        if cfg.MODEL.DETECTION.TEST_CLASS_NAMES or not hasattr(core, "set_test_class_names"):
+            return super().test(cfg, model, evaluators)
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} "
+                             f"datasets in DATASETS.TEST")
+        results = OrderedDict()
+        for i, name in enumerate(cfg.DATASETS.TEST):
+            core.set_test_class_names(MetadataCatalog.get(name).thing_classes)
+            one = cfg.clone()
+            one.defrost()
+            one.DATASETS.TEST = (name,)
+            results[name] = super().test(one, model, None if evaluators is None
+                                         else [evaluators[i]])
+        return list(results.values())[0] if len(results) == 1 else results

@@ -20,21 +20,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from ..image_io import try_read_image
+
 __all__ = ["COCOInstanceLSJDatasetMapper", "build_lsj_augmentations"]
 
 logger = logging.getLogger(__name__)
 
-# Errors PIL raises for unreadable files: missing/truncated/not an image (OSError, which
-# includes UnidentifiedImageError and FileNotFoundError), broken headers (SyntaxError,
-# ValueError) and absurd sizes (DecompressionBombError).
-_UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 # Pad value of the fixed-size crop, on the 0-255 scale: close to the ImageNet pixel mean, so
 # the pad looks like the zero that ImageList padding gives after normalisation. The model
@@ -169,16 +166,15 @@ class COCOInstanceLSJDatasetMapper:
     def _read_image(self, dataset_dict: Dict[str, Any]) -> Optional[np.ndarray]:
         """The image as an HWC uint8 array, or None (warned and counted) if unreadable."""
         file_name = dataset_dict["file_name"]
-        try:
-            return utils.read_image(file_name, format=self.image_format)
-        except _UNREADABLE_IMAGE_ERRORS as e:
+        image, error = try_read_image(file_name, format=self.image_format)
+        if image is None:
             self.num_skipped += 1
             logger.warning(
                 f"Skipping unreadable image {file_name} (image_id "
-                f"{dataset_dict.get('image_id')}): {type(e).__name__}: {e}. "
+                f"{dataset_dict.get('image_id')}): {error}. "
                 f"{self.num_skipped} image(s) skipped so far by this mapper."
             )
-            return None
+        return image
 
     def _build_instances(
         self,

@@ -5,19 +5,27 @@ dataset is synthesised (scenes come from ``toy_shapes_render``). Layout under ``
 
     train/000000.png ...                 RGB PNGs, sides in [128, 256]
     val/000000.png ...
+    novel/000000.png ...                 like val, plus held-out colour-shape combinations
     annotations/instances_{split}.json   COCO instances (visible-part polygons, area, bbox)
     annotations/captions_{split}.json    COCO captions, one per image
     annotations/image_labels_{split}.json {"categories", "annotations": [{image_id, category_id}]}
     DONE                                 written last: generator version + parameters
 
-Registered detectron2 names: ``toy_shapes_train`` and ``toy_shapes_val`` (COCO instance
-dicts; metadata also carries ``caption_json`` and ``image_label_json``).
+Registered detectron2 names: ``toy_shapes_train``, ``toy_shapes_val`` and
+``toy_shapes_novel`` (COCO instance dicts; metadata also carries ``caption_json`` and
+``image_label_json``).
+
+Train and val draw objects from the 10 TOY_SHAPES_CATEGORIES. The novel split draws them
+from those and the 4 TOY_SHAPES_NOVEL_CATEGORIES (colour-shape pairs whose colour and shape
+are both seen in training, never together), uniformly over the 14: it measures detection of
+categories named only at test time (the seed paper's Appendix C). Its metadata lists all 14
+names in ``thing_classes`` and the held-out ones in ``novel_thing_classes``.
 """
 import json
 import os
 import re
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -25,11 +33,19 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .toy_shapes_render import TOY_SHAPES_CATEGORIES, RenderParams, ToyScene, render_toy_image
+from .toy_shapes_render import (
+    TOY_SHAPES_CATEGORIES,
+    TOY_SHAPES_NOVEL_CATEGORIES,
+    RenderParams,
+    ToyScene,
+    render_toy_image,
+)
 
 __all__ = [
     "TOY_SHAPES_CATEGORIES",
+    "TOY_SHAPES_NOVEL_CATEGORIES",
     "GENERATOR_VERSION",
+    "toy_shapes_categories",
     "toy_shapes_root",
     "toy_shapes_files",
     "toy_shapes_scene",
@@ -41,10 +57,10 @@ __all__ = [
 
 # Bump whenever the generated content changes, so ensure_toy_shapes regenerates old copies.
 GENERATOR_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "novel")
 # Separate random streams per split: image i of split s comes from rng([seed, stream, i]),
-# so train and val never share scenes and each image is independent of the split size.
-_SPLIT_STREAM = {"train": 0, "val": 1}
+# so splits never share scenes and each image is independent of the split sizes.
+_SPLIT_STREAM = {"train": 0, "val": 1, "novel": 2}
 _IMAGE_NAME = re.compile(r"^\d{6,}\.png$")
 _GENERATE_CMD = "python tools/make_toy_dataset.py --root {root}"
 
@@ -63,6 +79,15 @@ _CAPTION_TEMPLATES = ("{objects} on {background}", "a picture of {objects} on {b
 def toy_shapes_root() -> str:
     """Default root: ``$DETECTRON2_DATASETS/toy_shapes`` (``./datasets`` when unset)."""
     return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "toy_shapes")
+
+
+def toy_shapes_categories(split: str) -> List[Dict]:
+    """The categories a split's objects are drawn from (and its COCO "categories")."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "novel":
+        return TOY_SHAPES_CATEGORIES + TOY_SHAPES_NOVEL_CATEGORIES
+    return TOY_SHAPES_CATEGORIES
 
 
 def toy_shapes_files(root: str, split: str) -> Dict[str, str]:
@@ -85,7 +110,7 @@ def _plural(shape: str) -> str:
 
 def _caption(category_ids: List[int], background: str, rng: np.random.Generator) -> str:
     """E.g. "two blue triangles and a red circle on a striped background"."""
-    by_id = {c["id"]: c for c in TOY_SHAPES_CATEGORIES}
+    by_id = {c["id"]: c for c in TOY_SHAPES_CATEGORIES + TOY_SHAPES_NOVEL_CATEGORIES}
     counts: Dict[int, int] = {}
     for cid in category_ids:
         counts[cid] = counts.get(cid, 0) + 1
@@ -103,9 +128,9 @@ def _caption(category_ids: List[int], background: str, rng: np.random.Generator)
 
 
 # ------------------------------------------------------------------------- generation
-def _public_categories() -> List[Dict]:
+def _public_categories(split: str) -> List[Dict]:
     return [{"id": c["id"], "name": c["name"], "supercategory": c["supercategory"]}
-            for c in TOY_SHAPES_CATEGORIES]
+            for c in toy_shapes_categories(split)]
 
 
 def _check_count(name: str, value) -> int:
@@ -134,7 +159,7 @@ def _clear_previous(root: str) -> None:
 def _render_indexed(split: str, index: int, seed: int, params: RenderParams):
     """(scene, rng) of image ``index`` of ``split``; the rng continues for its caption."""
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index])
-    return render_toy_image(rng, params), rng
+    return render_toy_image(rng, params, toy_shapes_categories(split)), rng
 
 
 def toy_shapes_scene(split: str, index: int, seed: int = 0,
@@ -146,9 +171,10 @@ def toy_shapes_scene(split: str, index: int, seed: int = 0,
     return _render_indexed(split, int(index), int(seed), params or RenderParams())[0]
 
 
-def _generate_split(root: str, split: str, num_images: int, seed: int, params: RenderParams
-                    ) -> Dict:
-    """Render and write one split; returns its statistics."""
+def _generate_split(root: str, split: str, num_images: int, seed: int, params: RenderParams,
+                    progress: Optional[Callable[[str, int, int], None]] = None) -> Dict:
+    """Render and write one split; returns its statistics. ``progress(split, done, total)``
+    is called after every image."""
     files = toy_shapes_files(root, split)
     os.makedirs(files["image_root"], exist_ok=True)
     images, instances, captions, labels = [], [], [], []
@@ -175,9 +201,11 @@ def _generate_split(root: str, split: str, num_images: int, seed: int, params: R
                          "caption": _caption(cat_ids, scene.background, rng)})
         largest = max(scene.instances, key=lambda inst: inst["area"])
         labels.append({"image_id": image_id, "category_id": largest["category_id"]})
+        if progress is not None:
+            progress(split, index + 1, num_images)
 
     info = {"description": f"toy_shapes {split} (synthetic)", "version": str(GENERATOR_VERSION)}
-    categories = _public_categories()
+    categories = _public_categories(split)
     _write_json(files["json_file"], {"info": info, "licenses": [], "images": images,
                                      "annotations": instances, "categories": categories})
     _write_json(files["caption_json"], {"info": info, "licenses": [], "images": images,
@@ -205,16 +233,21 @@ def _write_json(path: str, obj) -> None:
         json.dump(obj, f, separators=(",", ":"))
 
 
-def _marker_params(num_train: int, num_val: int, seed: int, params: RenderParams) -> Dict:
+def _marker_params(num_train: int, num_val: int, num_novel: int, seed: int,
+                   params: RenderParams) -> Dict:
     return {"generator_version": GENERATOR_VERSION, "num_train": num_train,
-            "num_val": num_val, "seed": seed, "render": params.as_dict()}
+            "num_val": num_val, "num_novel": num_novel, "seed": seed, "render": params.as_dict()}
 
 
 def generate_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 200,
-                        seed: int = 0, params: Optional[RenderParams] = None) -> Dict:
+                        seed: int = 0, params: Optional[RenderParams] = None,
+                        num_novel: int = 200,
+                        progress: Optional[Callable[[str, int, int], None]] = None) -> Dict:
     """(Re)generate the dataset under ``root`` (default :func:`toy_shapes_root`).
 
-    Deterministic in (``seed``, ``params``, generator version). Returns a summary dict:
+    Deterministic in (``seed``, ``params``, generator version); each split's images do not
+    depend on the other splits' sizes. ``progress(split, done, total)`` is called after
+    every image. Returns a summary dict:
     ``root``, ``params`` (what DONE records), ``categories`` (K), ``seconds`` and per-split
     stats under ``splits`` (images, instances, instances_per_image, occluded_fraction,
     size_quantiles = full extent / shorter side, area_fractions by COCO size range).
@@ -222,18 +255,20 @@ def generate_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_v
     root = toy_shapes_root() if root is None else str(root)
     num_train = _check_count("num_train", num_train)
     num_val = _check_count("num_val", num_val)
+    num_novel = _check_count("num_novel", num_novel)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     params = params or RenderParams()
-    marker = _marker_params(num_train, num_val, seed, params)
+    marker = _marker_params(num_train, num_val, num_novel, seed, params)
 
     start = time.perf_counter()
     os.makedirs(root, exist_ok=True)
     _clear_previous(root)
-    splits = {split: _generate_split(root, split, n, seed, params)
-              for split, n in (("train", num_train), ("val", num_val))}
+    splits = {split: _generate_split(root, split, n, seed, params, progress)
+              for split, n in (("train", num_train), ("val", num_val), ("novel", num_novel))}
     summary = {"root": root, "params": marker, "categories": len(TOY_SHAPES_CATEGORIES),
+               "novel_categories": len(TOY_SHAPES_NOVEL_CATEGORIES),
                "seconds": round(time.perf_counter() - start, 2), "splits": splits}
     # Written last: its presence (with matching params) is what marks the dataset complete.
     _write_json(os.path.join(root, "DONE"), summary)
@@ -242,7 +277,8 @@ def generate_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_v
 
 def ensure_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 200,
                       seed: int = 0, params: Optional[RenderParams] = None,
-                      force: bool = False) -> Dict:
+                      force: bool = False, num_novel: int = 200,
+                      progress: Optional[Callable[[str, int, int], None]] = None) -> Dict:
     """Generate the dataset unless ``root/DONE`` records exactly these parameters.
 
     Returns the summary (the stored one when nothing was generated) with ``generated``
@@ -250,7 +286,7 @@ def ensure_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_val
     """
     root = toy_shapes_root() if root is None else str(root)
     params = params or RenderParams()
-    wanted = _marker_params(int(num_train), int(num_val), int(seed), params)
+    wanted = _marker_params(int(num_train), int(num_val), int(num_novel), int(seed), params)
     done = os.path.join(root, "DONE")
     if not force and os.path.isfile(done):
         try:
@@ -260,7 +296,7 @@ def ensure_toy_shapes(root: Optional[str] = None, num_train: int = 2000, num_val
             stored = {}  # unreadable marker: treat the dataset as incomplete
         if stored.get("params") == wanted:
             return dict(stored, generated=False)
-    summary = generate_toy_shapes(root, num_train, num_val, seed, params)
+    summary = generate_toy_shapes(root, num_train, num_val, seed, params, num_novel, progress)
     return dict(summary, generated=True)
 
 
@@ -279,11 +315,12 @@ def load_toy_shapes_json(json_file: str, image_root: str, dataset_name: Optional
 
 
 def register_toy_shapes(root: Optional[str] = None, prefix: str = "toy_shapes") -> List[str]:
-    """Register ``{prefix}_train`` / ``{prefix}_val`` in detectron2's catalogs.
+    """Register ``{prefix}_train`` / ``{prefix}_val`` / ``{prefix}_novel`` in detectron2's
+    catalogs.
 
     Generates and reads nothing (loading is lazy). Metadata: thing_classes, thing_colors,
-    thing_dataset_id_to_contiguous_id, evaluator_type "coco", json_file, image_root,
-    caption_json, image_label_json. Registering a name again with the same files is a
+    thing_dataset_id_to_contiguous_id, novel_thing_classes, evaluator_type "coco",
+    json_file, image_root, caption_json, image_label_json. Registering a name again with the same files is a
     no-op; with other files it replaces the earlier registration. Returns the names.
     """
     root = toy_shapes_root() if root is None else str(root)
@@ -303,12 +340,14 @@ def register_toy_shapes(root: Optional[str] = None, prefix: str = "toy_shapes") 
         # load_toy_shapes_json so a missing dataset says how to generate it.
         DatasetCatalog.register(name, lambda f=files, n=name: load_toy_shapes_json(
             f["json_file"], f["image_root"], n))
+        categories = toy_shapes_categories(split)
         MetadataCatalog.get(name).set(
             evaluator_type="coco",
-            thing_classes=[c["name"] for c in TOY_SHAPES_CATEGORIES],
-            thing_colors=[tuple(c["color"]) for c in TOY_SHAPES_CATEGORIES],
-            thing_dataset_id_to_contiguous_id={
-                c["id"]: i for i, c in enumerate(TOY_SHAPES_CATEGORIES)},
+            thing_classes=[c["name"] for c in categories],
+            thing_colors=[tuple(c["color"]) for c in categories],
+            thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+            novel_thing_classes=[c["name"] for c in categories
+                                 if c in TOY_SHAPES_NOVEL_CATEGORIES],
             **files)
         names.append(name)
     return names

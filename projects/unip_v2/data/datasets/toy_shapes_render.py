@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "TOY_SHAPES_CATEGORIES",
+    "TOY_SHAPES_NOVEL_CATEGORIES",
     "BACKGROUND_KINDS",
     "RenderParams",
     "ToyScene",
@@ -54,11 +55,26 @@ _CATEGORY_PAIRS = [
     ("black", "arrow"),
 ]
 
-TOY_SHAPES_CATEGORIES: List[Dict] = [
-    {"id": i + 1, "name": f"{colour} {shape}", "color": list(_COLOURS[colour]),
-     "colour_name": colour, "shape": shape, "supercategory": shape}
-    for i, (colour, shape) in enumerate(_CATEGORY_PAIRS)
+# Held-out colour-shape combinations (the seed paper's Appendix C, detection of novel
+# categories, in miniature): each colour and each shape is seen in training as part of another
+# category, the pair never. They are rendered only in the "novel" split.
+_NOVEL_PAIRS = [
+    ("red", "square"),
+    ("blue", "circle"),
+    ("green", "triangle"),
+    ("yellow", "hexagon"),
 ]
+
+
+def _category(index: int, colour: str, shape: str) -> Dict:
+    return {"id": index + 1, "name": f"{colour} {shape}", "color": list(_COLOURS[colour]),
+            "colour_name": colour, "shape": shape, "supercategory": shape}
+
+
+TOY_SHAPES_CATEGORIES: List[Dict] = [_category(i, c, s) for i, (c, s) in enumerate(_CATEGORY_PAIRS)]
+# ids continue after the seen categories: 11..14
+TOY_SHAPES_NOVEL_CATEGORIES: List[Dict] = [
+    _category(len(_CATEGORY_PAIRS) + i, c, s) for i, (c, s) in enumerate(_NOVEL_PAIRS)]
 
 BACKGROUND_KINDS = ("gradient", "noise", "stripes", "checkers")
 
@@ -218,15 +234,16 @@ def _visible_annotation(owner: np.ndarray, idx: int, box: Tuple[int, int, int, i
 
 
 # ---------------------------------------------------------------------------- scenes
-def _try_place(owner: np.ndarray, instances: List[Dict], cat_index: int, size_px: float,
-               rng: np.random.Generator, params: RenderParams) -> Optional[Dict]:
-    """Draw one placement of a shape on top of ``owner``; commit it only if it covers no
-    instance of its own category and every instance (new and occluded ones) keeps a valid
+def _try_place(owner: np.ndarray, instances: List[Dict], categories: List[Dict],
+               cat_index: int, size_px: float, rng: np.random.Generator, params: RenderParams
+               ) -> Optional[Dict]:
+    """Draw one placement of a shape of ``categories[cat_index]`` on top of ``owner``;
+    commit it only if it covers no instance of its own colour and every instance (new and occluded ones) keeps a valid
     visible annotation. Returns the new instance's record, or None with ``owner`` left
     unchanged (``instances[j]["annotation"]`` is refreshed for the occluded ones on success).
     """
     h, w = owner.shape
-    cat = TOY_SHAPES_CATEGORIES[cat_index]
+    cat = categories[cat_index]
     poly = _shape_polygon(cat["shape"], size_px, rng)
     ext_w, ext_h = poly.max(axis=0)
     # cv2 puts integer coordinates at pixel centres, so the shape spans ext + 1 pixels.
@@ -248,7 +265,8 @@ def _try_place(owner: np.ndarray, instances: List[Dict], cat_index: int, size_px
     occluded = [int(j) for j in np.unique(saved[full]) if j >= 0]
     # Two flat same-colour shapes overlapping would merge into one blob with no visible
     # boundary between them: such targets cannot be learned, so that placement is refused.
-    if any(instances[j]["category_index"] == cat_index for j in occluded):
+    colour = cat["colour_name"]
+    if any(categories[instances[j]["category_index"]]["colour_name"] == colour for j in occluded):
         return None
     owner[y0:y1, x0:x1][full] = new_idx
     updates = {}
@@ -288,10 +306,12 @@ class ToyScene(NamedTuple):
     owner: np.ndarray
 
 
-def render_toy_image(rng: np.random.Generator, params: Optional[RenderParams] = None
-                     ) -> ToyScene:
-    """Render one scene (see :class:`ToyScene` for what comes back)."""
+def render_toy_image(rng: np.random.Generator, params: Optional[RenderParams] = None,
+                     categories: Optional[List[Dict]] = None) -> ToyScene:
+    """Render one scene (see :class:`ToyScene` for what comes back) with objects drawn
+    uniformly from ``categories`` (default TOY_SHAPES_CATEGORIES)."""
     params = params or RenderParams()
+    categories = TOY_SHAPES_CATEGORIES if categories is None else categories
     h = int(rng.integers(params.min_side, params.max_side + 1))
     w = int(rng.integers(params.min_side, params.max_side + 1))
     image, kind = _background(h, w, rng)
@@ -302,20 +322,21 @@ def render_toy_image(rng: np.random.Generator, params: Optional[RenderParams] = 
     while not instances:
         num = int(rng.integers(params.min_objects, params.max_objects + 1))
         for _ in range(num):
-            cat_index = int(rng.integers(len(TOY_SHAPES_CATEGORIES)))
+            cat_index = int(rng.integers(len(categories)))
             size_px = min(h, w) * math.exp(rng.uniform(math.log(params.min_size),
                                                        math.log(params.max_size)))
             # Keep category and size across retries (only pose/position change), so
             # crowded scenes do not skew the size distribution towards small objects.
             for _ in range(params.placement_tries):
-                inst = _try_place(owner, instances, cat_index, size_px, rng, params)
+                inst = _try_place(owner, instances, categories, cat_index, size_px, rng,
+                                  params)
                 if inst is not None:
                     instances.append(inst)
                     break
 
     for idx, inst in enumerate(instances):
         x0, y0, x1, y1 = inst["box"]
-        colour = np.asarray(TOY_SHAPES_CATEGORIES[inst["category_index"]]["color"], np.float32)
+        colour = np.asarray(categories[inst["category_index"]]["color"], np.float32)
         colour = np.clip(colour + rng.uniform(-12, 12, size=3), 0, 255)
         image[y0:y1, x0:x1][owner[y0:y1, x0:x1] == idx] = colour
     # Mild sensor-like noise so neither objects nor backgrounds are perfectly flat.
@@ -325,7 +346,7 @@ def render_toy_image(rng: np.random.Generator, params: Optional[RenderParams] = 
     out = []
     for inst in instances:
         ann = inst["annotation"]
-        out.append({"category_id": TOY_SHAPES_CATEGORIES[inst["category_index"]]["id"],
+        out.append({"category_id": categories[inst["category_index"]]["id"],
                     "segmentation": ann["segmentation"], "area": ann["area"],
                     "bbox": ann["bbox"], "full_area": inst["full_area"],
                     "size": inst["size"], "occluded": ann["area"] < inst["full_area"]})

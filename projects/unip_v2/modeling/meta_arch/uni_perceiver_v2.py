@@ -37,7 +37,9 @@ class UniPerceiverV2(UniPerceiverV2ProposalNetwork):
         self.logit_scale = LogitScale()
         self.target_bank = TargetBank(self.encode_targets)
         self.train_class_names = list(train_class_names)
-        self.test_class_names = list(test_class_names)
+        self.test_class_names: List[str] = []
+        if test_class_names:
+            self.set_test_class_names(test_class_names)
         self.class_loss_weight = class_loss_weight
 
     @classmethod
@@ -58,6 +60,19 @@ class UniPerceiverV2(UniPerceiverV2ProposalNetwork):
                     train_class_names=train_names, test_class_names=test_names,
                     class_loss_weight=cfg.MODEL.DETECTION.CLASS_LOSS_WEIGHT)
         return args
+
+    def set_test_class_names(self, names: List[str]) -> None:
+        """Replace the category names of inference (open vocabulary, no retraining): the
+        TargetBank encodes a new list once, at the next eval forward. pred_classes index
+        into ``names``."""
+        names = [n.strip() if isinstance(n, str) else n for n in names]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"UniPerceiverV2: the vocabulary must be a non-empty list of "
+                             f"non-empty names, got {names!r}")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"UniPerceiverV2: names repeat in the vocabulary: {dup}")
+        self.test_class_names = names
 
     def encode_targets(self, names: List[str]) -> torch.Tensor:
         """T category names -> (T, width) class embeddings: <SPE> outputs of g on
@@ -90,6 +105,10 @@ class UniPerceiverV2(UniPerceiverV2ProposalNetwork):
             losses["loss_class"] = self.class_loss_weight * matched_class_loss(
                 logits, out.regional_index, matches, gt_classes)
             return losses
+        if not self.test_class_names:
+            raise ValueError("UniPerceiverV2: no category names for inference: set "
+                             "MODEL.DETECTION.TEST_CLASS_NAMES or DATASETS.TEST, or call "
+                             "set_test_class_names()")
         out = self.image_encoder(images.tensor, sizes)
         logits = class_logits(self.region_features(out), self.target_bank(self.test_class_names),
                               self.logit_scale())

@@ -1,0 +1,49 @@
+"""`Predictor`: detectron2's DefaultPredictor for unip-v2 models, with an open vocabulary.
+
+    predictor = Predictor(cfg, vocabulary=["red square", "blue circle"])
+    instances = predictor(bgr_image)["instances"]   # pred_classes index predictor.class_names
+"""
+from typing import List, Optional, Sequence
+
+from detectron2.engine import DefaultPredictor
+
+__all__ = ["Predictor", "parse_vocabulary"]
+
+
+def parse_vocabulary(text: str) -> List[str]:
+    """ "red square, blue circle" -> ["red square", "blue circle"]; a ValueError names an
+    empty or repeated entry."""
+    names = [n.strip() for n in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise ValueError(f"vocabulary {text!r}: expected comma-separated non-empty names, "
+                         f"e.g. \"red square, blue circle\"")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"vocabulary {text!r}: names repeat: {repeated}")
+    return names
+
+
+class Predictor(DefaultPredictor):
+    """Builds the model from cfg, loads MODEL.WEIGHTS, and maps one BGR HWC uint8 image to
+    the model's output at the image's own size (resize by INPUT.MIN/MAX_SIZE_TEST, as in
+    evaluation). ``vocabulary`` replaces the category names of a UniPerceiverV2 without
+    retraining: its TargetBank encodes them once, on the first image."""
+
+    def __init__(self, cfg, vocabulary: Optional[Sequence[str]] = None):
+        super().__init__(cfg)
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    def set_vocabulary(self, names: Sequence[str]) -> None:
+        if not hasattr(self.model, "set_test_class_names"):
+            raise ValueError(f"{type(self.model).__name__} has no vocabulary to replace (it "
+                             f"predicts no named categories)")
+        self.model.set_test_class_names(list(names))
+
+    @property
+    def class_names(self) -> List[str]:
+        """The names pred_classes index: the model's vocabulary, else DATASETS.TEST[0]'s."""
+        names = getattr(self.model, "test_class_names", None)
+        if names:
+            return list(names)
+        return list(self.metadata.get("thing_classes", [])) if self.metadata else []

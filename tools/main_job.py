@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""The main job (`make demo`): train the toy Uni-Perceiver v2 on the CPU, evaluate it, draw it.
+
+    python tools/main_job.py [--output output/main_job] [--fresh] [--num-pictures 6]
+                             [--num-train 2000 --num-val 200 --num-novel 200] [KEY VALUE ...]
+
+1. generates the toy dataset if missing (train, val, and the novel split with held-out
+   colour-shape combinations; progress bar), 2. trains its BPE tokenizer if missing,
+3. trains configs/toy/uni_perceiver_v2_R50_tiny.yaml with tools/train_net.py --resume
+   (detectron2's metrics and ETA every 20 iterations; a finished run is not repeated, an
+   interrupted one continues; --fresh starts over), 4. evaluates box and mask AP with
+   detectron2's COCOEvaluator on toy_shapes_val and on toy_shapes_novel, the latter with the
+   held-out names added to the vocabulary (AP of seen and held-out categories side by side),
+5. draws predictions on val and novel images with detectron2's Visualizer. Writes
+OUTPUT/metrics.json, OUTPUT/visualizations/*.png and OUTPUT/summary.txt (also printed).
+Trailing KEY VALUE pairs override the config (e.g. SOLVER.MAX_ITER 50 for a quick look).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import unip_v2  # noqa: F401  (first: makes detectron2 importable)
+
+import cv2
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
+
+from unip_v2 import add_unip_v2_config
+from unip_v2.data.datasets import toy_shapes_root
+from unip_v2.data.image_io import try_read_image
+from unip_v2.engine import Predictor, Trainer
+from unip_v2.utils.visualization import draw_predictions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/toy/uni_perceiver_v2_R50_tiny.yaml"
+VAL, NOVEL = "toy_shapes_val", "toy_shapes_novel"
+# the issue's learning targets for the toy generalist on toy_shapes_val
+TARGETS = {"bbox": 30.0, "segm": 25.0}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="output/main_job", help="output folder")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete OUTPUT/train first and train from scratch")
+    for split, n in (("train", 2000), ("val", 200), ("novel", 200)):
+        parser.add_argument(f"--num-{split}", type=int, default=n,
+                            help=f"toy_shapes {split} images (tools/make_toy_dataset.py)")
+    parser.add_argument("--num-pictures", type=int, default=6,
+                        help="val and novel images to draw (each)")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="draw predictions scoring at least this")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"config overrides come as KEY VALUE pairs, got {args.opts}")
+    if args.num_pictures < 0:
+        parser.error("--num-pictures must be >= 0")
+    return args
+
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[main job {n}/5] {text}", flush=True)
+
+
+def _run(cmd) -> None:
+    """Run a tool with this interpreter, its output straight to the terminal."""
+    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+
+
+def _json_safe(obj):
+    """NaN (a category without instances) becomes null: metrics.json stays strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _mean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def seen_and_novel_ap(task_results, names, novel_names):
+    """Mean per-category AP ("AP-<name>", NaN when a category has no instances) over the
+    seen and over the held-out names."""
+    per_class = {n: task_results.get(f"AP-{n}", float("nan")) for n in names}
+    return {"AP_seen": _mean(v for n, v in per_class.items() if n not in novel_names),
+            "AP_novel": _mean(v for n, v in per_class.items() if n in novel_names),
+            "AP_per_category": per_class}
+
+
+def evaluate(cfg, weights):
+    """COCOEvaluator on val and novel, each with its own vocabulary (Trainer.test)."""
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    results = Trainer.test(cfg, model)
+    novel_names = MetadataCatalog.get(NOVEL).novel_thing_classes
+    names = MetadataCatalog.get(NOVEL).thing_classes
+    for task in ("bbox", "segm"):
+        results[NOVEL][task].update(seen_and_novel_ap(results[NOVEL][task], names, novel_names))
+    return results
+
+
+def draw_pictures(cfg, out_dir, count, threshold):
+    """Predictions on the first `count` images of val and of novel, each dataset's own names
+    as the vocabulary; returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    predictor = Predictor(cfg)
+    written = []
+    for name in (VAL, NOVEL):
+        predictor.set_vocabulary(MetadataCatalog.get(name).thing_classes)
+        for record in DatasetCatalog.get(name)[:count]:
+            image, error = try_read_image(record["file_name"], format="BGR")
+            if image is None:
+                print(f"warning: skipping {record['file_name']}: {error}", file=sys.stderr)
+                continue
+            drawn = draw_predictions(image[:, :, ::-1], predictor(image)["instances"],
+                                     predictor.class_names, threshold)
+            stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+            path = os.path.join(out_dir, f"{name.replace('toy_shapes_', '')}_{stem}.png")
+            cv2.imwrite(path, drawn[:, :, ::-1])
+            written.append(path)
+    return written
+
+
+def summary_text(metrics) -> str:
+    val, novel = metrics["results"][VAL], metrics["results"][NOVEL]
+    met = all(val[t]["AP"] >= TARGETS[t] for t in TARGETS)
+    lines = [
+        "unip-v2 main job: the toy Uni-Perceiver v2, trained and evaluated on this CPU",
+        f"  toy_shapes_val (10 categories):   box AP {val['bbox']['AP']:.1f}   "
+        f"mask AP {val['segm']['AP']:.1f}   (targets {TARGETS['bbox']:.0f} / "
+        f"{TARGETS['segm']:.0f}: {'met' if met else 'NOT met'})",
+        f"  toy_shapes_novel (10 seen + {len(metrics['novel_categories'])} held-out names: "
+        f"{', '.join(metrics['novel_categories'])}):",
+        f"    seen categories:      box AP {novel['bbox']['AP_seen']:.1f}   "
+        f"mask AP {novel['segm']['AP_seen']:.1f}",
+        f"    held-out categories:  box AP {novel['bbox']['AP_novel']:.1f}   "
+        f"mask AP {novel['segm']['AP_novel']:.1f}",
+        f"  time: {metrics['seconds']['total']:.0f} s in all, training "
+        f"{metrics['seconds']['train']:.0f} s",
+        f"  metrics:  {metrics['paths']['metrics']}",
+        f"  pictures: {metrics['paths']['visualizations']} ({len(metrics['pictures'])} PNGs)",
+        f"  model:    {metrics['paths']['weights']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    seconds = {}
+    out = os.path.abspath(args.output)
+    train_dir = os.path.join(out, "train")
+    tokenizer = os.path.join(toy_shapes_root(), "tokenizer")
+    if args.fresh and os.path.isdir(train_dir):
+        shutil.rmtree(train_dir)
+
+    _step(1, "toy dataset")
+    _run(["tools/make_toy_dataset.py", "--num-train", str(args.num_train),
+          "--num-val", str(args.num_val), "--num-novel", str(args.num_novel)])
+    _step(2, "tokenizer")
+    _run(["tools/train_toy_tokenizer.py"])
+    seconds["setup"] = time.perf_counter() - start
+
+    _step(3, f"training {CONFIG} (a finished run in {train_dir} is kept)")
+    t = time.perf_counter()
+    # DATASETS.TEST empty: evaluation happens in step 4, with a vocabulary per dataset
+    _run(["tools/train_net.py", "--config-file", CONFIG, "--resume",
+          "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", train_dir,
+          "DATASETS.TEST", "()", *args.opts])
+    seconds["train"] = time.perf_counter() - t
+
+    setup_logger(name="detectron2")
+    setup_logger(name="unip_v2")
+    cfg = get_cfg()
+    add_unip_v2_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, CONFIG))
+    cfg.merge_from_list(["MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", out,
+                         *args.opts])
+    cfg.DATASETS.TEST = (VAL, NOVEL)
+    cfg.MODEL.WEIGHTS = os.path.join(train_dir, "model_final.pth")
+    cfg.freeze()
+
+    _step(4, "evaluation on toy_shapes_val and toy_shapes_novel (COCOEvaluator)")
+    t = time.perf_counter()
+    results = evaluate(cfg, cfg.MODEL.WEIGHTS)
+    seconds["evaluate"] = time.perf_counter() - t
+
+    _step(5, "pictures")
+    t = time.perf_counter()
+    vis_dir = os.path.join(out, "visualizations")
+    pictures = draw_pictures(cfg, vis_dir, args.num_pictures, args.confidence_threshold)
+    seconds["pictures"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
+
+    metrics = {
+        "config": CONFIG, "overrides": args.opts, "targets": TARGETS,
+        "novel_categories": list(MetadataCatalog.get(NOVEL).novel_thing_classes),
+        "results": results, "seconds": seconds, "pictures": pictures,
+        "paths": {"metrics": os.path.join(out, "metrics.json"), "visualizations": vis_dir,
+                  "weights": cfg.MODEL.WEIGHTS, "summary": os.path.join(out, "summary.txt")},
+    }
+    with open(metrics["paths"]["metrics"], "w") as f:
+        json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
+    text = summary_text(metrics)
+    with open(metrics["paths"]["summary"], "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
