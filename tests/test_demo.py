@@ -20,7 +20,7 @@ from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import ensure_toy_shapes, toy_shapes_files
 from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
 from unip_v2.engine import Predictor, parse_vocabulary
-from unip_v2.utils.visualization import draw_predictions
+from unip_v2.utils.visualization import draw_predictions, instances_to_draw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "toy", "uni_perceiver_v2_R50_tiny.yaml")
@@ -114,24 +114,42 @@ def test_predictor_vocabulary_replaces_the_names(toy):
         Predictor(proposals, vocabulary=["a"])
 
 
-def test_draw_predictions_keeps_confident_instances_and_checks_sizes():
-    image = np.full((200, 300, 3), 90, np.uint8)
+def _instances():
     inst = Instances((200, 300))
-    inst.pred_boxes = Boxes(torch.tensor([[5.0, 5, 60, 60], [200, 140, 290, 190]]))
-    inst.scores = torch.tensor([0.9, 0.1])
-    inst.pred_classes = torch.tensor([1, 0])
-    inst.pred_masks = torch.zeros(2, 200, 300, dtype=torch.bool)
+    inst.pred_boxes = Boxes(torch.tensor([[5.0, 5, 60, 60], [200, 140, 290, 190],
+                                          [6.0, 6, 61, 58]]))
+    inst.scores = torch.tensor([0.9, 0.1, 0.8])
+    inst.pred_classes = torch.tensor([1, 0, 0])
+    inst.pred_masks = torch.zeros(3, 200, 300, dtype=torch.bool)
     inst.pred_masks[0, 10:50, 10:50] = True
     inst.pred_masks[1, 150:180, 210:280] = True
-    drawn = draw_predictions(image, inst, ["cat", "dog"], score_threshold=0.5)
+    inst.pred_masks[2, 10:50, 10:50] = True
+    return inst
+
+
+def test_instances_to_draw_thresholds_and_suppresses_duplicates():
+    kept = instances_to_draw(_instances(), score_threshold=0.5, nms_iou=0.5)
+    assert kept.scores.tolist() == pytest.approx([0.9])          # the 0.8 duplicate is gone
+    kept = instances_to_draw(_instances(), score_threshold=0.05, nms_iou=None)
+    assert len(kept) == 3
+    assert len(instances_to_draw(_instances(), score_threshold=0.95)) == 0
+
+
+def test_draw_predictions_keeps_confident_instances_and_checks_sizes():
+    image = np.full((200, 300, 3), 90, np.uint8)
+    drawn = draw_predictions(image, _instances(), ["cat", "dog"], score_threshold=0.5,
+                             min_side=0)
     assert drawn.shape == image.shape and drawn.dtype == np.uint8
     # matplotlib's rendering moves pixel values a little everywhere: look for real strokes
     changed = np.abs(drawn.astype(int) - image).max(-1) > 30
     assert changed[5:61, 5:61].any() and not changed[130:, 190:].any()   # the first only
-    none = draw_predictions(image, inst, ["cat", "dog"], score_threshold=0.95)
+    none = draw_predictions(image, _instances(), ["cat", "dog"], score_threshold=0.95,
+                            min_side=0)
     assert np.abs(none.astype(int) - image).max() <= 30
+    # small images are enlarged so that names stay readable
+    assert draw_predictions(image, _instances(), ["cat", "dog"]).shape == (512, 768, 3)
     with pytest.raises(ValueError, match=r"instances are for an image of \(200, 300\)"):
-        draw_predictions(image[:20], inst, ["cat", "dog"])
+        draw_predictions(image[:20], _instances(), ["cat", "dog"])
 
 
 # -------------------------------------------------------------------- the demo end to end
@@ -162,7 +180,8 @@ def test_demo_draws_good_inputs_and_skips_bad_ones(toy, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert sorted(os.listdir(out)) == ["clip.mp4", "good.png", "good2.png"]
-    assert cv2.imread(str(out / "good.png")).shape == image.shape
+    drawn = cv2.imread(str(out / "good.png"))
+    assert min(drawn.shape[:2]) == 512 and drawn.shape[2] == 3     # enlarged for reading
     frames = cv2.VideoCapture(str(out / "clip.mp4"))
     assert int(frames.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     assert f"skipping {inputs / 'readme.txt'}: not a readable image" in log

@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.image_io import try_read_image
 from unip_v2.engine import Predictor, parse_vocabulary
-from unip_v2.utils.visualization import draw_predictions
+from unip_v2.utils.visualization import draw_predictions, instances_to_draw
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 logger = logging.getLogger("unip_v2.demo")
@@ -43,8 +43,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="image or video files, folders or globs")
     parser.add_argument("--output", required=True,
                         help="folder for the drawn pictures (created if missing)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="draw predictions scoring at least this (0-1)")
+    parser.add_argument("--confidence-threshold", type=float, default=0.25,
+                        help="draw predictions scoring at least this (0-1; scores are "
+                             "objectness x class probability, so they run low)")
     parser.add_argument("--vocabulary", default=None,
                         help='category names replacing the dataset\'s, e.g. "red square, '
                              'blue circle"')
@@ -111,7 +112,7 @@ def draw_image(predictor: Predictor, path: str, output_dir: str, threshold: floa
     out = _output_path(output_dir, path, ".png")
     if not cv2.imwrite(out, drawn[:, :, ::-1]):
         raise OSError(f"could not write {out}")
-    kept = int((instances.scores >= threshold).sum())
+    kept = len(instances_to_draw(instances, threshold))
     logger.info(f"{path}: {kept} of {len(instances)} predictions drawn -> {out}")
     return out
 
@@ -127,15 +128,16 @@ def draw_video(predictor: Predictor, path: str, output_dir: str, threshold: floa
     fps = video.get(cv2.CAP_PROP_FPS) or 10.0
     total = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     out = _output_path(output_dir, path, ".mp4")
-    h, w = frame.shape[:2]
-    writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    frames = 0
+    writer, frames = None, 0
     with tqdm.tqdm(total=total, desc=os.path.basename(path), unit="frame",
                    disable=None, file=sys.stderr) as bar:
         while ok:
             instances = predictor(frame)["instances"]
             drawn = draw_predictions(frame[:, :, ::-1], instances, predictor.class_names,
                                      threshold)
+            if writer is None:   # drawn frames may be enlarged: size the video after them
+                writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                         (drawn.shape[1], drawn.shape[0]))
             writer.write(drawn[:, :, ::-1])
             frames += 1
             bar.update(1)

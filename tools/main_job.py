@@ -56,7 +56,7 @@ def parse_args(argv=None):
                             help=f"toy_shapes {split} images (tools/make_toy_dataset.py)")
     parser.add_argument("--num-pictures", type=int, default=6,
                         help="val and novel images to draw (each)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+    parser.add_argument("--confidence-threshold", type=float, default=0.25,
                         help="draw predictions scoring at least this")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
