@@ -39,5 +39,7 @@ def draw_predictions(image_rgb: np.ndarray, instances: Instances, class_names: S
     metadata = Metadata(name="unip_v2_visualization")
     metadata.thing_classes = list(class_names)
     scale = max(1.0, min_side / min(image_rgb.shape[:2])) if min_side else 1.0
-    visualizer = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
+    # IMAGE_BW: the background turns grey and masks get a light tint, so each object keeps
+    # its own colour next to its name
+    visualizer = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE_BW)
     return visualizer.draw_instance_predictions(kept).get_image()
