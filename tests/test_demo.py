@@ -230,3 +230,4 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
     # a second run keeps the finished training
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "Starting training from iteration 2" in proc.stdout + proc.stderr
+    assert "training kept from an earlier run" in proc.stdout

@@ -150,7 +150,8 @@ def summary_text(metrics) -> str:
         f"    held-out categories:  box AP {novel['bbox']['AP_novel']:.1f}   "
         f"mask AP {novel['segm']['AP_novel']:.1f}",
         f"  time: {metrics['seconds']['total']:.0f} s in all, training "
-        f"{metrics['seconds']['train']:.0f} s",
+        + ("kept from an earlier run" if metrics["training_kept"]
+           else f"{metrics['seconds']['train']:.0f} s"),
         f"  metrics:  {metrics['paths']['metrics']}",
         f"  pictures: {metrics['paths']['visualizations']} ({len(metrics['pictures'])} PNGs)",
         f"  model:    {metrics['paths']['weights']}",
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     seconds["setup"] = time.perf_counter() - start
 
     _step(3, f"training {CONFIG} (a finished run in {train_dir} is kept)")
+    weights = os.path.join(train_dir, "model_final.pth")
+    kept = os.path.isfile(weights)
     t = time.perf_counter()
     # DATASETS.TEST empty: evaluation happens in step 4, with a vocabulary per dataset
     _run(["tools/train_net.py", "--config-file", CONFIG, "--resume",
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     cfg.merge_from_list(["MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", out,
                          *args.opts])
     cfg.DATASETS.TEST = (VAL, NOVEL)
-    cfg.MODEL.WEIGHTS = os.path.join(train_dir, "model_final.pth")
+    cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
 
     _step(4, "evaluation on toy_shapes_val and toy_shapes_novel (COCOEvaluator)")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     metrics = {
         "config": CONFIG, "overrides": args.opts, "targets": TARGETS,
         "novel_categories": list(MetadataCatalog.get(NOVEL).novel_thing_classes),
-        "results": results, "seconds": seconds, "pictures": pictures,
+        "results": results, "seconds": seconds, "training_kept": kept, "pictures": pictures,
         "paths": {"metrics": os.path.join(out, "metrics.json"), "visualizations": vis_dir,
                   "weights": cfg.MODEL.WEIGHTS, "summary": os.path.join(out, "summary.txt")},
     }
