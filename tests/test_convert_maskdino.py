@@ -4,7 +4,6 @@ The sources are fake Mask DINO state dicts with the real key names and shapes of
 IDEA-Research/MaskDINO (see /work/shared/notes/maskdino_facts.md section 7) and random
 values: the R50 reference model in full, and a Swin-L "4s" one with 1 block per stage.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -22,21 +21,15 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from unip_v2.layers import MSDeformAttn
 
+from tools_loader import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R50_CONFIG = os.path.join(REPO, "configs", "proposal_network", "R50_coco.yaml")
 PIX, PRED = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 IE = "image_encoder."
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_maskdino", os.path.join(REPO, "tools", "convert_maskdino.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = _load_tool()
+cm = load_tool("convert_maskdino")
 
 
 # ------------------------------------------------------------------ fake Mask DINO

@@ -1,6 +1,5 @@
 """tools/demo.py (arguments, inputs good and bad, video, vocabulary), the Predictor and
 draw_predictions, and the main job (tools/main_job.py) on a tiny dataset."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,20 +21,15 @@ from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
 from unip_v2.engine import Predictor, parse_vocabulary
 from unip_v2.utils.visualization import draw_predictions, instances_to_draw
 
+from tools_loader import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "toy", "uni_perceiver_v2_R50_tiny.yaml")
 SMALL = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_tool("demo")
-main_job = _load_tool("main_job")
+demo = load_tool("demo")
+main_job = load_tool("main_job")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The toy_shapes dataset: generator floors, COCO validity, determinism, registration."""
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,8 @@ from unip_v2.data.datasets import (
     toy_shapes_root,
     toy_shapes_scene,
 )
+
+from tools_loader import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_VAL, NUM_NOVEL, SEED = 40, 10, 16, 3
@@ -308,17 +309,8 @@ def test_bad_render_params_raise():
         RenderParams(min_size=0.0)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location(
-        "make_toy_dataset", os.path.join(REPO, "tools", "make_toy_dataset.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(tmp_path, capsys):
-    # In-process: a subprocess would spend seconds re-importing torch and detectron2.
-    cli = _load_cli()
+    cli = load_tool("make_toy_dataset")
     argv = ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1",
             "--num-novel", "1", "--seed", "5"]
     assert cli.main(argv) == 0
