@@ -7,6 +7,8 @@ from typing import List, Optional, Sequence
 
 from detectron2.engine import DefaultPredictor
 
+from ..modeling.tasks import check_class_names
+
 __all__ = ["Predictor", "parse_vocabulary"]
 
 
@@ -17,10 +19,10 @@ def parse_vocabulary(text: str) -> List[str]:
     if not text.strip() or any(not n for n in names):
         raise ValueError(f"vocabulary {text!r}: expected comma-separated non-empty names, "
                          f"e.g. \"red square, blue circle\"")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"vocabulary {text!r}: names repeat: {repeated}")
-    return names
+    try:
+        return check_class_names(names)
+    except ValueError as e:
+        raise ValueError(f"vocabulary {text!r}: {e}") from None
 
 
 class Predictor(DefaultPredictor):

@@ -17,7 +17,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..target_bank import TargetBank
-from ..tasks import LogitScale, class_logits, detection_topk, matched_class_loss
+from ..tasks import (
+    LogitScale,
+    check_class_names,
+    class_logits,
+    detection_topk,
+    matched_class_loss,
+)
 from ..text_encoder import TextEncoder
 from ..unified_decoder import Segment, SegmentKind, UnifiedDecoder
 from .proposal_network import UniPerceiverV2ProposalNetwork, proposal_instances
@@ -65,13 +71,7 @@ class UniPerceiverV2(UniPerceiverV2ProposalNetwork):
         """Replace the category names of inference (open vocabulary, no retraining): the
         TargetBank encodes a new list once, at the next eval forward. pred_classes index
         into ``names``."""
-        names = [n.strip() if isinstance(n, str) else n for n in names]
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"UniPerceiverV2: the vocabulary must be a non-empty list of "
-                             f"non-empty names, got {names!r}")
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"UniPerceiverV2: names repeat in the vocabulary: {dup}")
+        names = check_class_names(names)
         self.test_class_names = names
 
     def encode_targets(self, names: List[str]) -> torch.Tensor:

@@ -4,7 +4,7 @@ embedding (Eq. 5); the class loss is cross-entropy over the category set (Eq. 7)
 proposals matched to ground truth; a prediction's score is objectness x class probability.
 """
 import math
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +24,19 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+def check_class_names(names: Sequence[str]) -> List[str]:
+    """The category names of a vocabulary, stripped; a ValueError names an empty entry or
+    the repeated ones (a repeated name would split one category's probability in two)."""
+    names = [n.strip() if isinstance(n, str) else n for n in names]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"the vocabulary must be a non-empty list of non-empty names, "
+                         f"got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"the vocabulary's names repeat: {repeated}")
+    return names
 
 
 def class_logits(features: torch.Tensor, class_embeddings: torch.Tensor,
