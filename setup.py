@@ -7,6 +7,7 @@ in detectron2). Build with the environment's torch: `pip install --no-build-isol
 """
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -37,7 +38,8 @@ _resolve_cuda_home()
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension as TorchBuildExtension
 except ImportError:  # pragma: no cover - install-time message
     sys.exit("unip-v2 compiles against the installed torch: install torch first, then run "
              "`pip install --no-build-isolation --use-pep517 -e .` (or simply `make install`).")
@@ -52,16 +54,76 @@ def want_cuda() -> bool:
     return force or (torch.cuda.is_available() and CUDA_HOME is not None)
 
 
+# The CPU kernels (csrc/cpu/kernels/) are one source compiled once per instruction set, each
+# translation unit with its own flags, as PyTorch builds its own CPU kernels; the dispatcher
+# (csrc/cpu/ms_deform_attn_cpu.cpp) picks the widest one the CPU runs. The baseline build is an
+# ordinary source; the others are compiled by BuildExtension below. x86-64 with GCC or Clang
+# only: other machines (Arm, MSVC) get the baseline build, which is correct everywhere.
+CPU_KERNEL_ISAS = {  # name -> compiler flags; the link order (baseline first) matters, see below
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def cpu_kernel_isas():
+    if os.environ.get("UNIP_V2_CPU_BASELINE_ONLY", "0") == "1":  # e.g. to test that build
+        return {}
+    if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return CPU_KERNEL_ISAS
+
+
+class BuildExtension(TorchBuildExtension):
+    """torch's BuildExtension, plus one object per instruction set for the CPU kernels.
+
+    Each csrc/cpu/kernels/ms_deform_attn_cpu_<isa>.cpp is compiled on its own (its own ninja
+    file, so rebuilds stay incremental) with the extension's flags plus the ISA's, then linked
+    after the extension's own objects. Order matters: where inline code (a std:: template, say)
+    is compiled in several objects, the linker keeps the first copy, which is then the baseline
+    one, safe on every CPU. The kernel sources themselves keep everything but their entry points
+    internal, and at::vec sits in a per-ISA namespace.
+    """
+
+    def build_extension(self, ext):
+        isa_sources = getattr(ext, "unip_v2_isa_sources", [])
+        objects = []
+        for isa, source in isa_sources:
+            args = ext.extra_compile_args
+            cxx = list(args["cxx"] if isinstance(args, dict) else args) + CPU_KERNEL_ISAS[isa]
+            objects += self.compiler.compile(
+                [source],
+                output_dir=os.path.join(self.build_temp, "isa-" + isa),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={"cxx": cxx},
+                depends=ext.depends,
+            )
+        previous = getattr(ext, "unip_v2_isa_objects", [])
+        ext.extra_objects = [o for o in ext.extra_objects if o not in previous] + objects
+        ext.unip_v2_isa_objects = objects
+        super().build_extension(ext)
+
+
 def get_extensions():
     csrc = os.path.join(HERE, "csrc")
     sources = [os.path.join(csrc, "ms_deform_attn.cpp")]
     sources += sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    kernels = os.path.join(csrc, "cpu", "kernels")
+    sources.append(os.path.join(kernels, "ms_deform_attn_cpu_default.cpp"))
+    isa_sources = [(isa, os.path.join(kernels, f"ms_deform_attn_cpu_{isa}.cpp"))
+                   for isa in cpu_kernel_isas()]
     depends = sorted(glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True))
+    depends += [source for _, source in isa_sources]  # a change there relinks the extension
     # -fopenmp: ATen's parallel_for is an inline OpenMP region, so the extension itself must
     # be compiled with OpenMP for the CPU kernels to use more than one thread.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
+    # -ffp-contract=off: no fused multiply-add unless the code asks for one (at::vec::fmadd), so
+    # every instruction set computes the sampling geometry with the same roundings.
+    # -Wno-unknown-pragmas: ATen's vector headers carry `#pragma unroll` and clang pragmas.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi",
+                                  "-Wno-unknown-pragmas"]}
     extra_link_args = ["-fopenmp"]
-    define_macros = []
+    define_macros = [(f"UNIP_V2_CPU_KERNELS_{isa.upper()}", None) for isa, _ in isa_sources]
     extension = CppExtension
     if want_cuda():
         extension = CUDAExtension
@@ -69,17 +131,17 @@ def get_extensions():
         depends += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cuh")))
         define_macros.append(("UNIP_V2_WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-    return [
-        extension(
-            "unip_v2._C",
-            sources,
-            depends=depends,
-            include_dirs=[csrc],
-            define_macros=define_macros,
-            extra_compile_args=extra_compile_args,
-            extra_link_args=extra_link_args,
-        )
-    ]
+    ext = extension(
+        "unip_v2._C",
+        sources,
+        depends=depends,
+        include_dirs=[csrc],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+    )
+    ext.unip_v2_isa_sources = isa_sources
+    return [ext]
 
 
 setup(

@@ -9,12 +9,15 @@ plus offsets of a few pixels (N(0, 2 px)); a decoder query reads inside its box 
 points within half the box). One stress row reads uniformly random locations (no cache
 locality at all), so the worst case is visible too.
 
-Each backend is timed in this run against the pure-PyTorch reference on the same inputs:
-median of `--repeats` runs after a warm-up. Peak memory is the extra memory one call needs
-(inputs excluded): on CUDA from the allocator's peak; on CPU the growth of the peak resident
-set (VmHWM, reset through /proc/self/clear_refs) of a fresh process during one call.
+The CPU kernel is timed at every instruction set this machine runs (AVX-512, AVX2 + FMA, the
+x86-64 baseline; on Arm only the baseline), each in its own process with UNIP_V2_CPU_ISA
+forcing it, and each against the pure-PyTorch reference timed in that same process on the same
+inputs: median of `--repeats` runs after a warm-up. Peak memory is the extra memory one call
+needs (inputs excluded): on CUDA from the allocator's peak; on CPU the growth of the peak
+resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh process during one call.
 
-    python benchmarks/ms_deform_attn.py [--repeats 5] [--device cpu|cuda|all] [--skip-memory]
+    python benchmarks/ms_deform_attn.py [--repeats 5] [--device cpu|cuda|all] [--isa all|best]
+                                        [--skip-memory]
 """
 import argparse
 import json
@@ -103,7 +106,7 @@ def time_ms(backend, problem, mode, device, repeats):
     return statistics.median(times)
 
 
-def peak_mb(row, backend, mode, device):
+def peak_mb(row, backend, mode, device, isa=None):
     kind, side, lq = row
     if device == "cuda":
         problem = make_problem(kind, side, lq, device)
@@ -120,6 +123,8 @@ def peak_mb(row, backend, mode, device):
     # resident set sees each allocation (glibc's dynamic threshold would otherwise serve it
     # from heap memory that building the inputs left resident).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    if isa is not None:
+        env["UNIP_V2_CPU_ISA"] = isa
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
@@ -150,6 +155,9 @@ ROWS = [("encoder", 512, None), ("encoder", 800, None), ("decoder", 800, 300),
         ("decoder", 800, 900), ("uniform", 800, None)]
 
 
+ISAS = ("avx512", "avx2", "default")  # widest first; UNIP_V2_CPU_ISA values
+
+
 def describe(row):
     kind, side, lq = row
     S = sum(h * w for h, w in level_shapes(side))
@@ -159,26 +167,102 @@ def describe(row):
     return f"{label} {side}px Lq=S={S}"
 
 
+def cpu_name():
+    """The CPU's model name and its vector extensions, for the table's heading."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wide = [f for f in ("avx512f", "avx2", "fma", "asimd", "sve") if f in flags]
+    return f"{model} ({os.cpu_count()} cores; {' '.join(wide) or 'no AVX2/AVX-512'})"
+
+
+def time_rows(device, repeats, skip_memory, isa=None):
+    """{row index: {backend: (fwd ms, fwd+bwd ms, peak MB or None)}} for the reference and the
+    compiled backend of `device`, timed here, one row after the other."""
+    results = {}
+    for i, row in enumerate(ROWS):
+        problem = make_problem(*row, device=device)
+        results[i] = {}
+        for backend in ("reference", device):
+            fwd = time_ms(backend, problem, "fwd", device, repeats)
+            both = time_ms(backend, problem, "fwdbwd", device, repeats)
+            mem = None if skip_memory else peak_mb(row, backend, "fwdbwd", device, isa)
+            results[i][backend] = (fwd, both, mem)
+        del problem
+    return results
+
+
+def isa_child(isa, repeats, skip_memory):
+    """Entry point of the per-ISA subprocess: prints its results as one JSON line."""
+    ops = backends.compiled_ops()
+    got = ops.cpu_isa()
+    if got != isa:
+        raise SystemExit(f"UNIP_V2_CPU_ISA={isa} but the kernel runs {got}")
+    print(json.dumps(time_rows("cpu", repeats, skip_memory, isa)))
+
+
+def run_isa(isa, repeats, skip_memory):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-isa", isa, "--repeats",
+           str(repeats)] + (["--skip-memory"] if skip_memory else [])
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env=dict(os.environ, UNIP_V2_CPU_ISA=isa))
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark at ISA {isa} failed:\n{res.stderr[-3000:]}")
+    return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+
+
+def print_rows(results, device, label):
+    for i, row in enumerate(ROWS):
+        ref = results[i]["reference"]
+        for backend in ("reference", device):
+            fwd, both, mem = results[i][backend]
+            mem_s = "-" if mem is None else f"{mem:.0f}"
+            ratio_mem = "-" if mem is None or not mem else f"{ref[2] / mem:.1f}x less"
+            if backend == "reference":
+                ratio_mem = "1x"
+            name = f"{backend} ({device})" if backend == "reference" else label
+            print(f"| {describe(row)} | {name} | {fwd:.1f} | {ref[0] / fwd:.1f}x | {both:.1f} | "
+                  f"{ref[1] / both:.1f}x | {mem_s} | {ratio_mem} |", flush=True)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--isa", choices=("all", "best"), default="all",
+                        help="CPU: every instruction set this machine runs, or only the widest")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-isa", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    if args.child_isa:
+        return isa_child(args.child_isa, args.repeats, args.skip_memory)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "all":
         devices = [args.device]
     ops = backends.compiled_ops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"{platform.processor() or platform.machine()}, "
-          f"CPU kernel ISA: {ops.cpu_isa() if ops else 'not built'}")
+    best = ops.cpu_isa() if ops else None
+    isas = list(ISAS[ISAS.index(best):]) if best else []
+    if args.isa == "best":
+        isas = isas[:1]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"CPU: {cpu_name()}")
+    print(f"CPU kernel ISA: {best or 'not built'}"
+          + (f"; also timed with UNIP_V2_CPU_ISA={', '.join(isas[1:])}" if len(isas) > 1 else ""))
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    print("M=8 heads x D=32, L=4 levels (strides 8-64), P=4 points, batch 1, fp32\n")
+    print(f"M={M} heads x D={D}, L={L} levels (strides 8-64), P={P} points, batch 1, fp32\n")
     header = ("| shape | backend | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up |"
               " peak MB fwd+bwd | memory vs ref |")
     print(header)
@@ -187,25 +271,11 @@ def main():
         if not backends._has_compiled(device):
             print(f"| (no compiled {device} backend: {backends._missing_reason(device)}) |")
             continue
-        for row in ROWS:
-            problem = make_problem(*row, device=device)
-            result = {}
-            for backend in ("reference", device):
-                fwd = time_ms(backend, problem, "fwd", device, args.repeats)
-                both = time_ms(backend, problem, "fwdbwd", device, args.repeats)
-                mem = None if args.skip_memory else peak_mb(row, backend, "fwdbwd", device)
-                result[backend] = (fwd, both, mem)
-            ref = result["reference"]
-            for backend in ("reference", device):
-                fwd, both, mem = result[backend]
-                mem_s = "-" if mem is None else f"{mem:.0f}"
-                ratio_mem = "-" if mem is None or not mem else f"{ref[2] / mem:.1f}x less"
-                if backend == "reference":
-                    ratio_mem = "1x"
-                print(f"| {describe(row)} | {backend} ({device}) | {fwd:.1f} | "
-                      f"{ref[0] / fwd:.1f}x | {both:.1f} | {ref[1] / both:.1f}x | {mem_s} | "
-                      f"{ratio_mem} |", flush=True)
-            del problem
+        if device == "cpu":
+            for isa in isas:
+                print_rows(run_isa(isa, args.repeats, args.skip_memory), "cpu", f"cpu ({isa})")
+        else:
+            print_rows(time_rows(device, args.repeats, args.skip_memory), device, device)
 
 
 if __name__ == "__main__":

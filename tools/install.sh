@@ -202,11 +202,12 @@ fi
 EXT_BUILD="build/ext-$(printf '%s' "$VENV" | cksum | cut -d' ' -f1)"
 build_inplace() {  # prints "compiled" or "up-to-date"
     local log
-    # torch's BuildExtension always relinks and copies the .so; ninja says whether any
-    # source was recompiled.
+    # torch's BuildExtension always relinks and copies the .so; ninja (one run for the
+    # extension, one per instruction-set build of the CPU kernels) prints "[i/n] ..." for every
+    # source it recompiles.
     log="$("$PY" setup.py -q build_ext --inplace --build-temp "$EXT_BUILD/temp" \
         --build-lib "$EXT_BUILD/lib" 2>&1)" || { echo "$log" >&2; die "building unip_v2._C failed"; }
-    if grep -q "ninja: no work to do" <<< "$log"; then echo up-to-date; else echo compiled; fi
+    if grep -qE '^\[[0-9]+/[0-9]+\] ' <<< "$log"; then echo compiled; else echo up-to-date; fi
 }
 # Checked from outside the checkout so that the current directory does not count.
 if (cd / && "$PY" -c "
