@@ -217,13 +217,16 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value,
                                                     const at::Tensor& grad_output) {
   const cpu::Problem pb =
       make_problem(value, spatial_shapes, level_start_index, sampling_locations);
-  auto grad_loc = at::zeros_like(sampling_locations);
-  auto grad_attn = at::zeros_like(attention_weights);
+  // The kernels write every sampling location's and attention weight's gradient (no zero
+  // fill needed) whenever they run; grad_value is scatter-added into zeros.
+  const bool run = pb.N * pb.Lq * pb.M * pb.D > 0 && value.numel() > 0;
+  auto grad_loc = run ? at::empty_like(sampling_locations) : at::zeros_like(sampling_locations);
+  auto grad_attn = run ? at::empty_like(attention_weights) : at::zeros_like(attention_weights);
   // fp16/bf16 scatter into an fp32 buffer, cast once at the end.
   const bool reduced = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   auto grad_value = at::zeros_like(value, reduced ? value.options().dtype(at::kFloat)
                                                   : value.options());
-  if (pb.N * pb.Lq * pb.M * pb.D > 0 && value.numel() > 0) {
+  if (run) {
     const bool lanes = lane_geometry(pb);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {

@@ -81,27 +81,39 @@ class ProposalCriterion(nn.Module):
         """BCE + dice of the matched queries' masks at importance-sampled points.
 
         mask_embed: (B, Q, C); mask_features: (B, C, h, w). Only the matched queries' masks
-        are built (Eq. 8, one (m, h, w) product per image), never all Q of them.
+        are built (Eq. 8), never all Q of them, and all images at once: one bmm for the masks,
+        one point sampling, one loss (the random points are drawn image by image, see
+        uncertain_point_coords).
         """
-        logits, labels = [], []
-        features = mask_features.unbind(0)  # one backward op, unlike per-image indexing
-        for b, (q, g) in enumerate(indices):
-            if len(q) == 0:
-                continue
-            masks = torch.einsum("mc,chw->mhw", mask_embed[b, q.to(mask_embed.device)].float(),
-                                 features[b].float())[:, None]             # (m, 1, h, w)
-            with torch.no_grad():
-                coords = uncertain_point_coords(masks.detach(), self.num_points,
-                                                self.oversample_ratio,
-                                                self.importance_sample_ratio)  # (m, P, 2)
-            logits.append(point_sample(masks, coords)[:, 0])
-            tgt = targets[b]["masks"]
-            labels.append(sample_binary_masks(tgt, g.to(tgt.device), coords.to(tgt.device)))
-        if not logits:
+        counts = [len(q) for q, _ in indices]
+        if sum(counts) == 0:
             zero = mask_embed.sum() * 0.0 + mask_features.sum() * 0.0
             return zero, zero
-        logits = torch.cat(logits)
-        labels = torch.cat(labels).to(logits.device)
+        device = mask_embed.device
+        B, _, C = mask_embed.shape
+        h, w = mask_features.shape[-2:]
+        image = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(counts)])
+        slot = torch.cat([torch.arange(n) for n in counts])
+        query = torch.cat([q for q, _ in indices])
+        image, slot, query = image.to(device), slot.to(device), query.to(device)
+        # every image's matched embeddings, padded to the largest count: (B, m_max, C); rows
+        # are picked by index_select on flattened dimensions, whose backward (index_add) is
+        # far cheaper on a CPU than advanced indexing's (an accumulating index_put)
+        m_max = max(counts)
+        Q = mask_embed.shape[1]
+        rows = mask_embed.flatten(0, 1).index_select(0, image * Q + query).float()  # (M, C)
+        embed = rows.new_zeros(B * m_max, C).index_copy(0, image * m_max + slot, rows)
+        masks = torch.bmm(embed.view(B, m_max, C), mask_features.float().flatten(2))
+        masks = masks.flatten(0, 1).index_select(0, image * m_max + slot).view(-1, 1, h, w)
+        with torch.no_grad():
+            coords = uncertain_point_coords(masks.detach(), self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio,
+                                            group_sizes=[n for n in counts if n])  # (M, P, 2)
+        logits = point_sample(masks, coords)[:, 0]
+        labels = torch.cat([sample_binary_masks(t["masks"], g.to(t["masks"].device),
+                                                c.to(t["masks"].device))
+                            for t, (_, g), c in zip(targets, indices, coords.split(counts))])
+        labels = labels.to(logits.device)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * labels).sum(-1) + 1) / (prob.sum(-1) + labels.sum(-1) + 1)

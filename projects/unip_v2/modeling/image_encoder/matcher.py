@@ -26,15 +26,17 @@ def pairwise_mask_costs(pred: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Ten
     """Mean sigmoid BCE and dice cost between every prediction and every target.
 
     Args:
-        pred: (Q, P) mask logits at P points; gt: (T, P) targets in [0, 1].
+        pred: (..., Q, P) mask logits at P points; gt: (..., T, P) targets in [0, 1] (leading
+            batch dimensions, if any, the same).
     Returns:
-        (Q, T) BCE cost, (Q, T) dice cost (1 - dice with +1 smoothing).
+        (..., Q, T) BCE cost, (..., Q, T) dice cost (1 - dice with +1 smoothing).
     """
-    P = pred.shape[1]
+    P = pred.shape[-1]
+    gt_t = gt.transpose(-1, -2)
     # BCE(x, t) = softplus(-x) t + softplus(x) (1 - t), summed over points by two matmuls.
-    bce = (F.softplus(-pred) @ gt.T + F.softplus(pred) @ (1 - gt).T) / P
+    bce = (F.softplus(-pred) @ gt_t + F.softplus(pred) @ (1 - gt_t)) / P
     prob = pred.sigmoid()
-    dice = 1 - (2 * prob @ gt.T + 1) / (prob.sum(-1)[:, None] + gt.sum(-1)[None, :] + 1)
+    dice = 1 - (2 * prob @ gt_t + 1) / (prob.sum(-1)[..., :, None] + gt.sum(-1)[..., None, :] + 1)
     return bce, dice
 
 
@@ -51,27 +53,54 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
+    def cost_matrices(self, logits, boxes, mask_embed, mask_features, gt_boxes, gt_masks):
+        """Cost matrices of several images at once, one op per cost term instead of one per
+        image and term.
+
+        Args:
+            logits (B, Q, 1), boxes (B, Q, 4) cxcywh, mask_embed (B, Q, C) and mask_features
+            (B, C, h, w) (or None: no mask costs); gt_boxes, gt_masks: per image (T_b, 4)
+            cxcywh and (T_b, H_b, W_b) bool, T_b >= 1.
+        Returns:
+            per image a (Q, T_b) float32 cost matrix.
+        """
+        B = logits.shape[0]
+        sizes = [int(t.shape[0]) for t in gt_boxes]
+        logits, boxes = logits.float(), boxes.float()
+        all_gt = torch.cat(gt_boxes).float()                                    # (T, 4)
+        # box costs of every prediction against every image's targets; tiny next to the masks
+        cost = self.cost_class * focal_cost(logits[..., 0], self.focal_alpha,
+                                            self.focal_gamma)[..., None]   # (B, Q, 1)
+        cost = cost + self.cost_box * torch.cdist(boxes, all_gt[None].expand(B, -1, -1), p=1)
+        giou = generalized_box_iou(box_convert(boxes.flatten(0, 1), "cxcywh", "xyxy"),
+                                   box_convert(all_gt, "cxcywh", "xyxy"))
+        cost = cost - self.cost_giou * giou.view(B, -1, all_gt.shape[0])       # (B, Q, T)
+        blocks = cost.split(sizes, dim=2)
+        costs = [blocks[b][b] for b in range(B)]
+        if mask_embed is None or not (self.cost_mask or self.cost_dice):
+            return costs
+        # one set of uniform points per image, shared by its predictions and targets, drawn
+        # image by image (the random stream of one call per image)
+        coords = torch.cat([torch.rand(1, self.num_points, 2, device=mask_embed.device)
+                            for _ in range(B)])
+        pm = mask_logits_at_points(mask_embed.float(), mask_features.float(), coords)  # (B,Q,P)
+        # targets at their image's points, padded to the largest T_b: one bmm per term
+        gm = pm.new_zeros(B, max(sizes), self.num_points)
+        for b, masks in enumerate(gt_masks):
+            gm[b, :sizes[b]] = sample_binary_masks(
+                masks, torch.arange(sizes[b], device=masks.device),
+                coords[b:b + 1].expand(sizes[b], -1, -1)).to(gm.device)
+        bce, dice = pairwise_mask_costs(pm, gm)                                 # (B, Q, Tmax)
+        mask_cost = self.cost_mask * bce + self.cost_dice * dice
+        return [c + mask_cost[b, :, :sizes[b]] for b, c in enumerate(costs)]
+
     def cost_matrix(self, logits, boxes, mask_embed, mask_features, gt_boxes, gt_masks):
-        """One image. logits (Q, 1), boxes (Q, 4) cxcywh, mask_embed (Q, C) and mask_features
+        """One image: logits (Q, 1), boxes (Q, 4) cxcywh, mask_embed (Q, C) and mask_features
         (C, h, w) (or None: no mask costs); gt_boxes (T, 4) cxcywh, gt_masks (T, H, W) bool.
         Returns (Q, T) float32."""
-        logits, boxes = logits.float(), boxes.float()
-        gt_boxes = gt_boxes.float()
-        C = self.cost_class * focal_cost(logits[:, 0], self.focal_alpha, self.focal_gamma)[:, None]
-        C = C + self.cost_box * torch.cdist(boxes, gt_boxes, p=1)
-        C = C - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
-                                                     box_convert(gt_boxes, "cxcywh", "xyxy"))
-        if mask_embed is not None and (self.cost_mask or self.cost_dice):
-            # one set of uniform points per image, shared by predictions and targets
-            coords = torch.rand(1, self.num_points, 2, device=mask_embed.device)
-            pm = mask_logits_at_points(mask_embed.float()[None], mask_features.float()[None],
-                                       coords)[0]                              # (Q, P)
-            T = gt_masks.shape[0]
-            gm = sample_binary_masks(gt_masks, torch.arange(T, device=gt_masks.device),
-                                     coords.expand(T, -1, -1))                 # (T, P)
-            bce, dice = pairwise_mask_costs(pm, gm)
-            C = C + self.cost_mask * bce + self.cost_dice * dice
-        return C
+        return self.cost_matrices(
+            logits[None], boxes[None], None if mask_embed is None else mask_embed[None],
+            None if mask_features is None else mask_features[None], [gt_boxes], [gt_masks])[0]
 
     @torch.no_grad()
     def forward(self, outputs: Dict, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -83,20 +112,23 @@ class HungarianMatcher(nn.Module):
         Returns:
             per image (query indices, target indices), int64 on CPU, sorted by query.
         """
-        result = []
+        empty = torch.zeros(0, dtype=torch.int64)
+        result = [(empty, empty.clone()) for _ in targets]
+        images = [b for b, t in enumerate(targets) if t["boxes"].shape[0] > 0]
+        if not images:
+            return result
         embed = outputs.get("pred_mask_embed")
-        for b, t in enumerate(targets):
-            T = t["boxes"].shape[0]
-            if T == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
-                result.append((empty, empty.clone()))
-                continue
-            C = self.cost_matrix(outputs["pred_logits"][b], outputs["pred_boxes"][b],
-                                 None if embed is None else embed[b],
-                                 None if embed is None else outputs["mask_features"][b],
-                                 t["boxes"], t.get("masks"))
+        idx = None if len(images) == len(targets) else torch.tensor(images)
+
+        def pick(x):
+            return x if idx is None or x is None else x[idx.to(x.device)]
+
+        costs = self.cost_matrices(
+            pick(outputs["pred_logits"]), pick(outputs["pred_boxes"]), pick(embed),
+            None if embed is None else pick(outputs["mask_features"]),
+            [targets[b]["boxes"] for b in images], [targets[b].get("masks") for b in images])
+        for b, C in zip(images, costs):
             C = torch.nan_to_num(C, nan=1e8, posinf=1e8, neginf=-1e8).cpu()
             q, g = linear_sum_assignment(C.numpy())
-            result.append((torch.as_tensor(q, dtype=torch.int64),
-                           torch.as_tensor(g, dtype=torch.int64)))
+            result[b] = (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64))
         return result

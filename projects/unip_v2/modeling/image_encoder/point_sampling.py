@@ -18,13 +18,13 @@ def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     if maps.dim() != 4 or coords.dim() != 3 or coords.shape[0] != maps.shape[0]:
         raise ValueError(f"point_sample: maps must be (N, C, H, W) and coords (N, P, 2); got "
                          f"{tuple(maps.shape)} and {tuple(coords.shape)}")
-    out = F.grid_sample(maps, 2.0 * coords[:, :, None, :] - 1.0, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)
+    grid = coords[:, :, None, :].mul(2.0).sub_(1.0)
+    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[..., 0]
 
 
 def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float,
-                           importance_sample_ratio: float) -> torch.Tensor:
+                           importance_sample_ratio: float, group_sizes=None) -> torch.Tensor:
     """Points biased towards uncertain pixels (|logit| small).
 
     Draws num_points * oversample_ratio uniform candidates, keeps the
@@ -33,18 +33,27 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
 
     Args:
         mask_logits: (N, 1, H, W), detached.
+        group_sizes: the rows come in consecutive groups (one per image) whose random numbers
+            are drawn group by group, candidates then fill, exactly as one call per group
+            would draw them: batching the images of a loss does not change the random stream
+            (nor, therefore, training). Default: one group.
     Returns:
         (N, num_points, 2) (x, y) in [0, 1].
     """
     N = mask_logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
-    candidates = torch.rand(N, num_sampled, 2, device=mask_logits.device)
-    uncertainty = -point_sample(mask_logits, candidates)[:, 0].abs()  # (N, num_sampled)
     num_uncertain = int(importance_sample_ratio * num_points)
-    idx = uncertainty.topk(num_uncertain, dim=1).indices
+    candidates, fill = [], []
+    for n in ([N] if group_sizes is None else group_sizes):
+        candidates.append(torch.rand(n, num_sampled, 2, device=mask_logits.device))
+        fill.append(torch.rand(n, num_points - num_uncertain, 2, device=mask_logits.device))
+    candidates, fill = torch.cat(candidates), torch.cat(fill)
+    certainty = point_sample(mask_logits, candidates)[:, 0].abs()  # (N, num_sampled)
+    # the least certain points; the set matters, not its order: an unsorted top-k is half
+    # the work
+    idx = certainty.topk(num_uncertain, dim=1, largest=False, sorted=False).indices
     picked = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(N, num_points - num_uncertain, 2, device=mask_logits.device)
-    return torch.cat((picked, uniform), 1)
+    return torch.cat((picked, fill), 1)
 
 
 def mask_logits_at_points(mask_embed: torch.Tensor, mask_features: torch.Tensor,
@@ -74,8 +83,10 @@ def sample_binary_masks(masks: torch.Tensor, index: torch.Tensor,
     Returns:
         (M, K) float32 in {0, 1}.
     """
-    H, W = masks.shape[-2:]
+    T, H, W = masks.shape
     x = (coords[..., 0] * W).long().clamp_(0, W - 1)
     y = (coords[..., 1] * H).long().clamp_(0, H - 1)
-    return masks[index[:, None], y, x].float()
+    # one flat gather (three-tensor advanced indexing was several times slower on a CPU)
+    flat = (index[:, None] * H + y) * W + x
+    return masks.reshape(-1).take(flat).float()
 

@@ -9,13 +9,36 @@ no capacity, no token dropping. fc1 and fc2 share the decision. As in Uni-Percei
 the merge is per Linear, so the FFN computes W2_mix GELU(W1_mix x + b1_mix) + b2_mix,
 which is *not* sum_k g_k FFN_{e_k}(x).
 """
-from typing import Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttributeGate", "ConditionalMoEFFN"]
+__all__ = ["AttributeGate", "ConditionalMoEFFN", "TokenGroups", "group_tokens"]
+
+
+class TokenGroups(NamedTuple):
+    """Tokens grouped by their segment's distinct attribute row: segments with equal
+    attributes share a decision, so they share one merged FFN. Every MoE layer of one forward
+    uses the same grouping (the decoder computes it once, not once per layer; each layer still
+    gates the rows with its own parameters).
+
+    unique_rows (U, A): the distinct attribute rows; order (N,): indices of the flattened
+    (B*L) tokens sorted by group, stable; counts: tokens per group (U ints).
+    """
+    unique_rows: torch.Tensor
+    order: torch.Tensor
+    counts: List[int]
+
+
+def group_tokens(segment_ids: torch.Tensor, attributes: torch.Tensor) -> TokenGroups:
+    """segment_ids (B, L) integer, attributes (S, A) -> TokenGroups."""
+    unique_rows, row_of_segment = torch.unique(attributes, dim=0, return_inverse=True)
+    group = row_of_segment[segment_ids.reshape(-1)]  # (B*L,)
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=unique_rows.shape[0]).tolist()
+    return TokenGroups(unique_rows, order, counts)
 
 
 class AttributeGate(nn.Module):
@@ -121,13 +144,15 @@ class ConditionalMoEFFN(nn.Module):
         return w1, b1, w2, b2
 
     def forward(
-        self, x: torch.Tensor, segment_ids: torch.Tensor, attributes: torch.Tensor
+        self, x: torch.Tensor, segment_ids: torch.Tensor, attributes: torch.Tensor,
+        groups: Optional[TokenGroups] = None,
     ) -> torch.Tensor:
         """
         Args:
             x: token features (B, L, width).
             segment_ids: (B, L) integer; token (b, l) belongs to segment segment_ids[b, l].
             attributes: (S, attribute_dim) routing attributes of the S segments.
+            groups: group_tokens(segment_ids, attributes), when the caller already has it.
         Returns:
             (B, L, width).
         """
@@ -135,17 +160,14 @@ class ConditionalMoEFFN(nn.Module):
         if not self.enabled:
             return self.fc2(F.gelu(self.fc1(x)))
 
-        # Group tokens by distinct attribute row, not by segment: segments with equal
-        # attributes share a decision, so they share one merged FFN.
-        unique_rows, row_of_segment = torch.unique(attributes, dim=0, return_inverse=True)
-        indices, weights = self.gate(unique_rows)
+        if groups is None:
+            groups = group_tokens(segment_ids, attributes)
+        indices, weights = self.gate(groups.unique_rows)
         w1, b1, w2, b2 = self.merged_weights(indices, weights)
 
         flat = x.reshape(-1, self.width)
-        group = row_of_segment[segment_ids.reshape(-1)]  # (B*L,)
-        # Sort tokens by group once, run one dense FFN per contiguous group, unsort once.
-        order = torch.argsort(group, stable=True)
-        counts = torch.bincount(group, minlength=unique_rows.shape[0]).tolist()
+        # Tokens sorted by group once, one dense FFN per contiguous group, unsorted once.
+        order, counts = groups.order, groups.counts
         chunks = flat[order].split(counts)
         outputs = [
             F.linear(F.gelu(F.linear(chunk, w1[u], b1[u])), w2[u], b2[u])

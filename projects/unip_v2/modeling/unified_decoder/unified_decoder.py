@@ -19,7 +19,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .attributes import ATTRIBUTE_DIM, SegmentKind, sequence_attributes
-from .moe import ConditionalMoEFFN
+from .moe import ConditionalMoEFFN, group_tokens
 
 __all__ = ["DecoderOutput", "Segment", "UnifiedDecoder"]
 
@@ -87,9 +87,11 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, allowed, segment_ids, attributes):
+    def forward(self, x, allowed, segment_ids, attributes, groups=None):
+        """groups: the MoE token groups of this sequence (moe.group_tokens), shared by all
+        layers of one forward."""
         x = x + self.drop_path(self.dropout(self.attn(self.norm1(x), allowed)))
-        ffn_out = self.ffn(self.norm2(x), segment_ids, attributes)
+        ffn_out = self.ffn(self.norm2(x), segment_ids, attributes, groups)
         return x + self.drop_path(self.dropout(ffn_out))
 
 
@@ -157,9 +159,12 @@ class UnifiedDecoder(nn.Module):
                     f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
             allowed = allowed & ~attn_mask
         segment_ids = segment_ids.expand(b, length)
+        # tokens grouped by routing attributes once for all layers (each gates on its own)
+        groups = (group_tokens(segment_ids, attributes)
+                  if self.layers and self.layers[0].ffn.enabled else None)
         x = tokens
         for layer in self.layers:
-            x = layer(x, allowed, segment_ids, attributes)
+            x = layer(x, allowed, segment_ids, attributes, groups)
         x = self.norm(x).masked_fill(padding_mask[..., None], 0.0)
         return DecoderOutput(x[:, 0], x, padding_mask)
 
