@@ -14,6 +14,7 @@ from unip_v2 import add_unip_v2_config
 from unip_v2.modeling.image_encoder import (
     HungarianMatcher,
     ImageEncoder,
+    ProposalCriterion,
     build_contrastive_denoising_queries,
 )
 from unip_v2.modeling.image_encoder.position_encoding import sine_position_encoding_2d
@@ -270,6 +271,120 @@ def test_matcher_without_targets():
                    "pred_mask_embed": torch.randn(2, 4, 3), "mask_features": torch.randn(2, 3, 8, 8)},
                   [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2)
     assert all(len(q) == 0 and len(t) == 0 for q, t in out)
+
+
+def _images_with_targets(seed, sizes, Q=6, C=5, h=8, w=8, H=16, W=16):
+    """Random predictions of len(sizes) images and sizes[b] targets each."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(sizes)
+    outputs = {"pred_logits": torch.randn(B, Q, 1, generator=g),
+               "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25,
+               "pred_mask_embed": torch.randn(B, Q, C, generator=g),
+               "mask_features": torch.randn(B, C, h, w, generator=g)}
+    targets = [{"boxes": torch.rand(T, 4, generator=g) * 0.5 + 0.25,
+                "masks": torch.rand(T, H, W, generator=g) > 0.5} for T in sizes]
+    return outputs, targets
+
+
+def _bilinear64(maps, xy):
+    """Float64 oracle of grid_sample(align_corners=False, zeros): maps (K, h, w), xy (P, 2)
+    in [0, 1] -> (K, P), written out corner by corner."""
+    K, h, w = maps.shape
+    x, y = xy[:, 0].double() * w - 0.5, xy[:, 1].double() * h - 0.5
+    x0, y0 = x.floor().long(), y.floor().long()
+    out = torch.zeros(K, xy.shape[0], dtype=torch.float64)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            wt = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+            ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            out += torch.where(ok, maps.double()[:, yi.clamp(0, h - 1), xi.clamp(0, w - 1)], 0.0) * wt
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_matcher_equals_a_float64_cost_per_image(seed):
+    """The matcher batches images; the oracle builds each image's cost in float64 from the
+    formulas (focal, L1, GIoU, BCE and dice at the image's points, drawn in image order and
+    only for images with targets), then solves it with scipy."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    sizes = [2, 0, 3, 1]
+    outputs, targets = _images_with_targets(seed, sizes)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, 5.0, 5.0, num_points=64)
+    torch.manual_seed(100 + seed)
+    got = matcher(outputs, targets)
+    torch.manual_seed(100 + seed)
+    for b, T in enumerate(sizes):
+        if T == 0:
+            assert len(got[b][0]) == 0 and len(got[b][1]) == 0
+            continue
+        coords = torch.rand(1, 64, 2)[0]                      # the matcher's draw for image b
+        logit = outputs["pred_logits"][b, :, 0].double()
+        p = logit.sigmoid()
+        focal = (0.25 * (1 - p) ** 2 * -torch.log(p)) - (0.75 * p ** 2 * -torch.log(1 - p))
+        boxes, gt = outputs["pred_boxes"][b].double(), targets[b]["boxes"].double()
+        l1 = (boxes[:, None, :] - gt[None, :, :]).abs().sum(-1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                   box_convert(gt, "cxcywh", "xyxy"))
+        masks = torch.einsum("qc,chw->qhw", outputs["pred_mask_embed"][b].double(),
+                             outputs["mask_features"][b].double())
+        pm = _bilinear64(masks, coords)                                        # (Q, P)
+        Hm, Wm = targets[b]["masks"].shape[-2:]
+        xi = (coords[:, 0] * Wm).long().clamp(0, Wm - 1)
+        yi = (coords[:, 1] * Hm).long().clamp(0, Hm - 1)
+        gm = targets[b]["masks"][:, yi, xi].double()                           # (T, P)
+        bce = torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(
+            pm, gm[t].expand_as(pm), reduction="none").mean(1) for t in range(T)], 1)
+        prob = pm.sigmoid()
+        dice = 1 - (2 * prob @ gm.T + 1) / (prob.sum(1)[:, None] + gm.sum(1)[None, :] + 1)
+        cost = 2 * focal[:, None] + 5 * l1 - 2 * giou + 5 * bce + 5 * dice
+        q, t = linear_sum_assignment(cost.numpy())
+        assert got[b][0].tolist() == q.tolist() and got[b][1].tolist() == t.tolist()
+
+
+def test_batched_mask_losses_equal_a_per_image_computation():
+    """ProposalCriterion builds the matched masks, samples points and computes BCE and dice
+    for all images at once; the oracle does it image by image (the unbatched algorithm:
+    candidates, least certain 3/4, uniform fill, drawn per image in order) in float64."""
+    from torch.nn import functional as F
+
+    sizes = [2, 3, 0, 1]
+    outputs, targets = _images_with_targets(7, sizes)
+    indices = [(torch.tensor([4, 1]), torch.tensor([1, 0])),
+               (torch.tensor([0, 2, 5]), torch.tensor([2, 0, 1])),
+               (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+               (torch.tensor([3]), torch.tensor([0]))]
+    crit = ProposalCriterion(HungarianMatcher(2.0, 5.0, 2.0, 5.0, 5.0, num_points=40),
+                             {k: 1.0 for k in ("ce", "bbox", "giou", "mask", "dice",
+                                               "proposal_ce")},
+                             num_points=40, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    torch.manual_seed(3)
+    bce, dice = crit._mask_losses(outputs["pred_mask_embed"], outputs["mask_features"],
+                                  targets, indices, num_boxes=6.0)
+    torch.manual_seed(3)
+    want_bce = want_dice = 0.0
+    for b, (q, g) in enumerate(indices):
+        if len(q) == 0:
+            continue
+        masks = torch.einsum("mc,chw->mhw", outputs["pred_mask_embed"][b, q].double(),
+                             outputs["mask_features"][b].double())
+        cand = torch.rand(len(q), 120, 2)
+        fill = torch.rand(len(q), 10, 2)
+        for i in range(len(q)):
+            certainty = _bilinear64(masks[i:i + 1], cand[i])[0].abs()
+            keep = certainty.argsort()[:30]                         # the 30 least certain
+            pts = torch.cat((cand[i][keep], fill[i]))
+            logit = _bilinear64(masks[i:i + 1], pts)[0]
+            m = targets[b]["masks"][g[i]]
+            label = m[(pts[:, 1] * m.shape[0]).long().clamp(0, m.shape[0] - 1),
+                      (pts[:, 0] * m.shape[1]).long().clamp(0, m.shape[1] - 1)].double()
+            want_bce += F.binary_cross_entropy_with_logits(logit, label).item()
+            prob = logit.sigmoid()
+            want_dice += (1 - (2 * (prob * label).sum() + 1) / (prob.sum() + label.sum() + 1)).item()
+    assert bce.item() == pytest.approx(want_bce / 6.0, rel=1e-5)
+    assert dice.item() == pytest.approx(want_dice / 6.0, rel=1e-5)
 
 
 def test_masks_to_boxes_normalized():

@@ -190,6 +190,23 @@ def test_no_wide_instructions_outside_the_isa_kernels():
     assert not bad, "\n".join(bad[:20])
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+def test_every_kernel_build_against_a_float64_oracle_without_libtorch():
+    """tools/check_cpu_kernels.sh compiles the kernel sources with the extension's
+    per-instruction-set flags into a standalone program (tests/csrc/ms_deform_attn_cpu_check.cpp)
+    that checks each build the CPU runs, fp32 and fp64, forward and backward, against its own
+    float64 oracle: the check that `tools/check_cpu_kernels.sh aarch64` runs on an Arm build."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(["bash", os.path.join(root, "tools", "check_cpu_kernels.sh"), "native"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "all kernel builds agree with the float64 oracle" in res.stdout
+    assert "ok   default  fp64" in res.stdout
+    best = machine_isa()
+    for isa in ("avx2", "avx512")[:("default", "avx2", "avx512").index(best or "default")]:
+        assert f"ok   {isa}" in res.stdout, res.stdout[-2000:]
+
+
 @pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
 @pytest.mark.parametrize("isa,scalar_geometry", [("default", "0"), ("avx2", "0"), ("avx2", "1"),
                                                   ("avx512", "0"), ("avx512", "1")])

@@ -14,6 +14,7 @@
 // (fp32 for fp16 / bf16).
 #include "../ms_deform_attn.h"
 #include "ms_deform_attn_cpu_kernels.h"
+#include "ms_deform_attn_cpu_scratch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -75,42 +76,12 @@ bool lane_geometry(const cpu::Problem& pb) {
   return !disabled && bytes < (int64_t(1) << 31);
 }
 
-// The work buffers of one thread (see cpu::Scratch). 8 bytes per element covers every dtype
-// and both offset widths; each array starts on a 64-byte boundary.
-class ScratchBuffer {
- public:
-  explicit ScratchBuffer(const cpu::Problem& pb) {
-    const int64_t samples = pb.L * pb.P;
-    const int64_t padded = (samples + cpu::kMaxLanes - 1) / cpu::kMaxLanes * cpu::kMaxLanes;
-    const int64_t sizes[] = {2 * padded * 8, 4 * padded * 8, 4 * padded * 8,
-                             4 * padded * 8, 2 * padded * 8, padded * 8,
-                             4 * padded * cpu::kMaxLanes * 4, 4 * padded * 8, pb.D * 8,
-                             pb.D * 8};
-    int64_t total = 64;
-    for (int64_t b : sizes) total += (b + 63) / 64 * 64;
-    bytes_.resize(total);
-    uint8_t* p = bytes_.data() + (64 - reinterpret_cast<uintptr_t>(bytes_.data()) % 64) % 64;
-    void* parts[10];
-    for (int i = 0; i < 10; ++i) {
-      parts[i] = p;
-      p += (sizes[i] + 63) / 64 * 64;
-    }
-    s_ = cpu::Scratch{padded,   parts[0], parts[1], parts[2], parts[3], parts[4],
-                      parts[5], parts[6], parts[7], parts[8], parts[9]};
-  }
-  const cpu::Scratch& get() const { return s_; }
-
- private:
-  std::vector<uint8_t> bytes_;
-  cpu::Scratch s_;
-};
-
 template <typename scalar_t>
 constexpr bool kMultiIsa = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 template <typename scalar_t>
 void run_forward(const cpu::ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  const ScratchBuffer scratch(a.pb);
+  const cpu::ScratchBuffer scratch(a.pb);
   const cpu::Scratch& s = scratch.get();
   if constexpr (kMultiIsa<scalar_t>) {
     switch (cpu_isa()) {
@@ -128,7 +99,7 @@ void run_forward(const cpu::ForwardArgs<scalar_t>& a, int64_t begin, int64_t end
 
 template <typename scalar_t, typename grad_t>
 void run_backward(const cpu::BackwardArgs<scalar_t, grad_t>& a, int64_t begin, int64_t end) {
-  const ScratchBuffer scratch(a.pb);
+  const cpu::ScratchBuffer scratch(a.pb);
   const cpu::Scratch& s = scratch.get();
   if constexpr (kMultiIsa<scalar_t>) {
     switch (cpu_isa()) {

@@ -33,7 +33,8 @@ struct Problem {
 // up to a multiple of kMaxLanes), per-corner arrays 4 * padded, corner-major (k * padded + j).
 struct Scratch {
   int64_t padded;
-  void* level_real;  // (2, padded) acc_t: W, H of the sample's level
+  void* level_real;  // (2, padded) acc_t: W, H of the sample's level (fp32 lanes geometry:
+                     // (4, padded) floats W, H, W / 2, H / 2 in the same bytes)
   void* level_int;   // (4, padded) int32 or int64: W, H, and in units of the geometry's
                      // offsets (bytes for int32, elements for int64) W * M * D, start * M * D
   void* row;         // (4, padded) int64: address of the corner's value row, or of zero_row

@@ -1,8 +1,9 @@
-// CPU kernels of multi-scale deformable attention, written once with ATen's portable vector
-// type at::vec::Vectorized and compiled once per instruction set by the files next to this
-// one (ms_deform_attn_cpu_{default,avx2,avx512}.cpp, each with its own compiler flags; see
-// setup.py). Vectorized<float> is then a native register of that target: 16 lanes on AVX-512,
-// 8 on AVX2, 4 on NEON, a small array the compiler maps to SSE on baseline x86-64.
+// CPU kernels of multi-scale deformable attention, written once and compiled once per
+// instruction set by the files next to this one (ms_deform_attn_cpu_{default,avx2,avx512}.cpp,
+// each with its own compiler flags; see setup.py), as PyTorch builds its own CPU kernels. The
+// AVX2 and AVX-512 builds use ATen's at::vec::Vectorized, a native register of the target
+// (8 and 16 fp32 lanes); the baseline build uses the 16-byte vector type below (SSE2 on
+// x86-64, NEON on Arm), since at::vec's generic fallback keeps its lanes in memory.
 //
 // Before this split the kernels used 64-byte GCC vector types in functions with per-ISA target
 // attributes; on a 256-bit target GCC lowered every such vector through the stack (2,800 of the
@@ -11,22 +12,26 @@
 //
 // Per (query, head) a kernel first locates the L * P samples (geometry), then runs over the D
 // channels of the 4 * L * P bilinear corners:
-//   geometry   fp32 with 32-bit offsets: a vector of samples at a time, branch-free;
-//              otherwise (fp64, fp16, bf16, values over 2^31 elements): one sample at a time.
-//              Both write the same corner-major arrays (Scratch in ms_deform_attn_cpu_kernels.h);
-//              a corner outside the map gets offset -1 and reads a row of zeros, so a NaN or inf
-//              in value cannot leak in through a zero weight.
-//   forward    out[0:D] = sum over corners of coef * value row, in blocks of up to 4 vectors with
-//              several accumulator sets so consecutive FMAs do not wait on each other.
-//   backward   per corner, dot = <grad_out, value row> (kept as a vector of partial sums) and
+//   geometry   fp32 with byte offsets within 32 bits (AVX2 / AVX-512 builds): a vector of
+//              samples at a time, branch-free, row addresses formed in 64-bit lanes; otherwise
+//              (fp64, fp16, bf16, the baseline build, values over 2 GB) one sample at a time.
+//              Both write the same corner-major arrays (Scratch in ms_deform_attn_cpu_kernels.h):
+//              each corner's row address and coefficient; a corner outside the map reads a row
+//              of zeros, so a NaN or inf in value cannot leak in through a zero weight.
+//   forward    out[0:D] = sum over corners of coef * row, in blocks of up to 4 vectors, the
+//              four corners of a sample in different accumulator sets so consecutive FMAs do
+//              not wait on each other.
+//   backward   per corner, dot = <grad_out, row> (kept as a vector of partial sums) and
 //              grad_value row += coef * grad_out; the partial sums of a block of corners are
 //              reduced together by a deinterleave-and-add tree; then the samples' gradients,
 //              a vector of samples at a time.
+// Channels beyond the last full vector run as one masked vector on AVX-512, else one at a time.
 // Every sum runs in a fixed order: results are the same on every run and thread count.
 //
 // Everything here except the entry points has internal linkage (anonymous namespace) and
 // at::vec lives in a per-target inline namespace (CPU_CAPABILITY), so no function compiled for
-// a wider target can replace a baseline one at link time.
+// a wider target can replace a baseline one at link time (tests/test_ms_deform_attn_op.py
+// checks the built library for AVX code outside the AVX builds).
 #include "../ms_deform_attn_cpu_kernels.h"
 
 #include <ATen/OpMathType.h>
@@ -140,27 +145,46 @@ T* as(void* p) {
 // Geometry.
 
 // The level of every sample j = l * P + p, in the arrays the geometry reads (padding lanes get
-// a 0 x 0 map, so they never read anything). unit: bytes per offset step of the int table.
-template <typename acc_t, typename index_t>
-void fill_level_table(const Problem& pb, const Scratch& s, int64_t unit) {
+// a 0 x 0 map, so they never read anything):
+//   level_real  W, H as acc_t (lanes geometry: then W / 2, H / 2, fp32 fitting the same bytes);
+//   level_int   64-bit geometry: W, H, W * row, start * row (int64, elements);
+//               lanes geometry: W, H, W * row (int32, bytes), one unused int32 row, then
+//               start * row and W * row as int64 (bytes), the per-corner address steps.
+template <typename acc_t, bool kLanes>
+void fill_level_table(const Problem& pb, const Scratch& s) {
+  const int64_t unit = kLanes ? static_cast<int64_t>(sizeof(float)) : 1;
   const int64_t row = pb.M * pb.D * unit, samples = pb.L * pb.P, n = s.padded;
   acc_t* real = as<acc_t>(s.level_real);
-  index_t* in = as<index_t>(s.level_int);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t l = j < samples ? j / pb.P : -1;
     const int64_t H = l >= 0 ? pb.shapes[2 * l] : 0, W = l >= 0 ? pb.shapes[2 * l + 1] : 0;
+    const int64_t base = l >= 0 ? pb.starts[l] * row : 0;
     real[j] = static_cast<acc_t>(W);
     real[n + j] = static_cast<acc_t>(H);
-    in[j] = static_cast<index_t>(W);
-    in[n + j] = static_cast<index_t>(H);
-    in[2 * n + j] = static_cast<index_t>(W * row);
-    in[3 * n + j] = static_cast<index_t>(l >= 0 ? pb.starts[l] * row : 0);
+    if constexpr (kLanes) {
+      real[2 * n + j] = static_cast<acc_t>(W) * acc_t(0.5);
+      real[3 * n + j] = static_cast<acc_t>(H) * acc_t(0.5);
+      int32_t* in = as<int32_t>(s.level_int);
+      int64_t* steps = as<int64_t>(s.level_int) + 2 * n;
+      in[j] = static_cast<int32_t>(W);
+      in[n + j] = static_cast<int32_t>(H);
+      in[2 * n + j] = static_cast<int32_t>(W * row);
+      in[3 * n + j] = 0;
+      steps[j] = base;
+      steps[n + j] = W * row;
+    } else {
+      int64_t* in = as<int64_t>(s.level_int);
+      in[j] = W;
+      in[n + j] = H;
+      in[2 * n + j] = W * row;
+      in[3 * n + j] = base;
+    }
   }
 }
 
 // One sample at a time (any dtype, 64-bit offsets). loc: the (x, y) pairs of the L * P samples
 // of one (query, head); attn: their attention weights; value: value[n, 0, m, 0].
-template <typename scalar_t>
+template <bool kBackward, typename scalar_t>
 void locate_scalar(const Problem& pb, const Scratch& s, const scalar_t* loc, const scalar_t* attn,
                    const scalar_t* value) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -177,8 +201,11 @@ void locate_scalar(const Problem& pb, const Scratch& s, const scalar_t* loc, con
     const acc_t W = Wr[j], H = Wr[n + j];
     const acc_t lx = j < samples ? static_cast<acc_t>(loc[2 * j]) : acc_t(0);
     const acc_t ly = j < samples ? static_cast<acc_t>(loc[2 * j + 1]) : acc_t(0);
-    // grid_sample's unnormalisation for align_corners=False, in the same order of operations
-    // (fp32 results agree to the last bits): g = 2 * loc - 1; pixel = (g + 1) * size / 2 - 0.5.
+    // grid_sample's unnormalisation for align_corners=False in its own order of operations,
+    // g = 2 * loc - 1 then (g + 1) * (size / 2) - 0.5, so that fp32 coordinates agree with
+    // the reference to the last bit: at an integer coordinate (where sampling points start,
+    // at Deformable DETR's initialisation) bilinear interpolation has only one-sided
+    // derivatives, and the rounding decides which one the location gradient takes.
     const acc_t x = (lx * acc_t(2) - acc_t(1) + acc_t(1)) * (W * acc_t(0.5)) - acc_t(0.5);
     const acc_t y = (ly * acc_t(2) - acc_t(1) + acc_t(1)) * (H * acc_t(0.5)) - acc_t(0.5);
     // Written so that NaN fails the test: a NaN location reads nothing.
@@ -188,7 +215,7 @@ void locate_scalar(const Problem& pb, const Scratch& s, const scalar_t* loc, con
         rows[k * n + j] = reinterpret_cast<int64_t>(zero);
         coef[k * n + j] = acc_t(0);
       }
-      frac[j] = frac[n + j] = weight[j] = acc_t(0);
+      if constexpr (kBackward) frac[j] = frac[n + j] = weight[j] = acc_t(0);
       continue;
     }
     const acc_t xf = std::floor(x), yf = std::floor(y);
@@ -206,41 +233,47 @@ void locate_scalar(const Problem& pb, const Scratch& s, const scalar_t* loc, con
       rows[k * n + j] = reinterpret_cast<int64_t>(valid[k] ? value + o + step[k] : zero);
       coef[k * n + j] = valid[k] ? w * bilinear[k] : acc_t(0);
     }
-    frac[j] = fx;
-    frac[n + j] = fy;
-    weight[j] = w;
+    if constexpr (kBackward) {  // what the sample gradients read
+      frac[j] = fx;
+      frac[n + j] = fy;
+      weight[j] = w;
+    }
   }
 }
 
 #if !(defined(CPU_CAPABILITY_DEFAULT) && defined(__GNUC__))
 // A vector of samples at a time (fp32, byte offsets within 32 bits), branch-free, the same
 // arithmetic as locate_scalar. A sample that reads nothing is moved to x = y = -2, which leaves
-// every one of its corners outside the map. Row addresses are formed in 64-bit lanes.
-void locate_lanes(const Problem& pb, const Scratch& s, const float* loc, const float* attn,
-                  const float* value) {
+// every one of its corners outside the map. A corner's row address is formed in 64-bit lanes:
+// the first corner's from its 32-bit offset within the level, the others by adding the level's
+// steps (one row right, one image row down).
+// kBackward (a tag, so that builds without this function still parse the calls, whose
+// arguments are then dependent): also store what the sample gradients read.
+template <bool kBackward>
+void locate_lanes(std::bool_constant<kBackward>, const Problem& pb, const Scratch& s,
+                  const float* loc, const float* attn, const float* value) {
   using fV = Vectorized<float>;
   using iV = Vectorized<int32_t>;
   using lV = Vectorized<int64_t>;
-  constexpr int64_t VW = fV::size();
-  static_assert(iV::size() == VW && 2 * lV::size() == VW, "lane counts of fp32/int32/int64");
+  constexpr int64_t VW = fV::size(), HW = VW / 2;
+  static_assert(iV::size() == VW && lV::size() == HW, "lane counts of fp32/int32/int64");
   static_assert(kMaxLanes % VW == 0, "Scratch.padded must be a multiple of the lane count");
   const int64_t samples = pb.L * pb.P, n = s.padded;
   const int32_t row = static_cast<int32_t>(pb.M * pb.D * sizeof(float));  // bytes
   const float* Wr = as<float>(s.level_real);
   const int32_t* in = as<int32_t>(s.level_int);
+  const int64_t* steps = as<int64_t>(s.level_int) + 2 * n;  // level start, W * row (bytes)
   int64_t* rows = as<int64_t>(s.row);
   float* coef = as<float>(s.coef);
-  float* frac = as<float>(s.frac);
-  float* weight = as<float>(s.weight);
-  const fV one(1.0f), two(2.0f), half(0.5f);
+  const fV half(0.5f);
   const lV value_addr(reinterpret_cast<int64_t>(value));
   const lV zero_addr(reinterpret_cast<int64_t>(s.zero_row));
+  const lV row64(static_cast<int64_t>(row));
   for (int64_t j0 = 0; j0 < n; j0 += VW) {
     const int64_t real = std::min<int64_t>(VW, std::max<int64_t>(samples - j0, 0));
     fV lx(0.0f), ly(0.0f), aw(0.0f);  // padding lanes: W = H = 0 keeps every corner out
     if (real == VW) {
-      std::tie(lx, ly) = deinterleave2(fV::loadu(loc + 2 * j0),
-                                                fV::loadu(loc + 2 * j0 + VW));
+      std::tie(lx, ly) = deinterleave2(fV::loadu(loc + 2 * j0), fV::loadu(loc + 2 * j0 + VW));
       aw = fV::loadu(attn + j0);
     } else if (real > 0) {
       const int64_t lo = std::min<int64_t>(2 * real, VW), hi = 2 * real - lo;
@@ -249,8 +282,10 @@ void locate_lanes(const Problem& pb, const Scratch& s, const float* loc, const f
       aw = fV::loadu(attn + j0, real);
     }
     const fV W = fV::loadu(Wr + j0), H = fV::loadu(Wr + n + j0);
-    fV x = (lx * two - one + one) * (W * half) - half;
-    fV y = (ly * two - one + one) * (H * half) - half;
+    // as locate_scalar: grid_sample's order of operations (W / 2 and H / 2 from the table)
+    const fV one(1.0f), two(2.0f);
+    fV x = (lx * two - one + one) * fV::loadu(Wr + 2 * n + j0) - half;
+    fV y = (ly * two - one + one) * fV::loadu(Wr + 3 * n + j0) - half;
     const fV any = (x > fV(-1.0f)) & (y > fV(-1.0f)) & (x < W) & (y < H);  // NaN -> false
     x = fV::blendv(fV(-2.0f), x, any);
     y = fV::blendv(fV(-2.0f), y, any);
@@ -259,25 +294,31 @@ void locate_lanes(const Problem& pb, const Scratch& s, const float* loc, const f
     const iV x0 = at::vec::convert_to_int_of_same_size(xf);
     const iV y0 = at::vec::convert_to_int_of_same_size(yf);
     const iV Wi = iV::loadu(in + j0), Hi = iV::loadu(in + n + j0);
-    const iV Wrow = iV::loadu(in + 2 * n + j0), base = iV::loadu(in + 3 * n + j0);
     // after the move to -2: x0 >= -1 holds exactly for samples that read something
     const iV x0_in = x0 >= iV(0), x1_in = (x0 >= iV(-1)) & (x0 + iV(1) < Wi);
     const iV y0_in = y0 >= iV(0), y1_in = (y0 >= iV(-1)) & (y0 + iV(1) < Hi);
     const iV valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};
     const fV bilinear[4] = {gy * gx, gy * fx, fy * gx, fy * fx};
-    const iV o = y0 * Wrow + x0 * iV(row) + base;
-    const iV step[4] = {iV(0), iV(row), Wrow, Wrow + iV(row)};
-    for (int k = 0; k < 4; ++k) {
-      const auto off = at::vec::convert<int64_t, 2, int32_t, 1>(o + step[k]);
-      const auto ok = at::vec::convert<int64_t, 2, int32_t, 1>(valid[k]);
-      for (int h = 0; h < 2; ++h) {
-        lV::blendv(zero_addr, value_addr + off[h], ok[h]).store(rows + k * n + j0 + h * (VW / 2));
+    const iV o = y0 * iV::loadu(in + 2 * n + j0) + x0 * iV(row);  // first corner, in the level
+    const auto o64 = at::vec::convert<int64_t, 2, int32_t, 1>(o);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t jh = j0 + h * HW;
+      const lV first = value_addr + lV::loadu(steps + jh) + o64[h];
+      const lV down = lV::loadu(steps + n + jh);
+      const lV addr[4] = {first, first + row64, first + down, first + down + row64};
+      for (int k = 0; k < 4; ++k) {
+        const auto ok = at::vec::convert<int64_t, 2, int32_t, 1>(valid[k]);
+        lV::blendv(zero_addr, addr[k], ok[h]).store(rows + k * n + jh);
       }
+    }
+    for (int k = 0; k < 4; ++k) {
       ((aw * bilinear[k]) & at::vec::cast<float>(valid[k])).store(coef + k * n + j0);
     }
-    fx.store(frac + j0);
-    fy.store(frac + n + j0);
-    (aw & any).store(weight + j0);
+    if constexpr (kBackward) {  // what the sample gradients read
+      fx.store(as<float>(s.frac) + j0);
+      fy.store(as<float>(s.frac) + n + j0);
+      (aw & any).store(as<float>(s.weight) + j0);
+    }
   }
 }
 #endif
@@ -371,9 +412,9 @@ void forward_queries(const ForwardArgs<scalar_t>& a, const Scratch& s, int64_t b
     for (int64_t m = 0; m < pb.M; ++m) {
       const int64_t i0 = (nq * pb.M + m) * samples;
       if constexpr (kLanes && kLaneGeometry) {
-        locate_lanes(pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
+        locate_lanes(std::false_type{}, pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
       } else {
-        locate_scalar(pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
+        locate_scalar<false>(pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
       }
       gather(pb, s, a.out + nq * row + m * pb.D);
     }
@@ -386,11 +427,11 @@ void forward_impl(const ForwardArgs<scalar_t>& a, const Scratch& s, int64_t begi
   std::memset(s.zero_row, 0, a.pb.D * sizeof(scalar_t));
   if constexpr (std::is_same_v<scalar_t, float> && kLaneGeometry) {
     if (a.lane_geometry) {
-      fill_level_table<float, int32_t>(a.pb, s, sizeof(float));
+      fill_level_table<float, true>(a.pb, s);
       return forward_queries<float, true>(a, s, begin, end);
     }
   }
-  fill_level_table<acc_t, int64_t>(a.pb, s, 1);
+  fill_level_table<acc_t, false>(a.pb, s);
   forward_queries<scalar_t, false>(a, s, begin, end);
 }
 
@@ -566,6 +607,16 @@ void dot_scatter(const Problem& pb, const Scratch& s, const scalar_t* value, gra
   }
 }
 
+constexpr int64_t kPrefetchQueries = 4;
+
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  (void)p;  // no portable prefetch; only the speed changes
+#endif
+}
+
 template <typename scalar_t, typename grad_t, bool kLanes>
 void backward_heads(const BackwardArgs<scalar_t, grad_t>& a, const Scratch& s, int64_t begin,
                     int64_t end) {
@@ -578,10 +629,23 @@ void backward_heads(const BackwardArgs<scalar_t, grad_t>& a, const Scratch& s, i
     for (int64_t q = 0; q < pb.Lq; ++q) {
       const int64_t nq = n * pb.Lq + q;
       const int64_t i0 = (nq * pb.M + m) * samples;
+      // This task reads the queries of one head: locations and weights M * L * P apart,
+      // a stride the hardware prefetchers did not follow (the geometry cost 4.6x the
+      // forward's on AVX2). Ask for those of the query 4 steps ahead (measured: AVX2
+      // forward + backward 15% faster at encoder 512 px, 8 steps less, AVX-512 unchanged).
+      if (q + kPrefetchQueries < pb.Lq) {
+        const int64_t ahead = i0 + kPrefetchQueries * pb.M * samples;
+        for (int64_t b = 0; b < 2 * samples * int64_t(sizeof(scalar_t)); b += 64) {
+          prefetch(reinterpret_cast<const char*>(a.loc + 2 * ahead) + b);
+        }
+        for (int64_t b = 0; b < samples * int64_t(sizeof(scalar_t)); b += 64) {
+          prefetch(reinterpret_cast<const char*>(a.attn + ahead) + b);
+        }
+      }
       if constexpr (kLanes && kLaneGeometry) {
-        locate_lanes(pb, s, a.loc + 2 * i0, a.attn + i0, value_nm);
+        locate_lanes(std::true_type{}, pb, s, a.loc + 2 * i0, a.attn + i0, value_nm);
       } else {
-        locate_scalar(pb, s, a.loc + 2 * i0, a.attn + i0, value_nm);
+        locate_scalar<true>(pb, s, a.loc + 2 * i0, a.attn + i0, value_nm);
       }
       dot_scatter(pb, s, value_nm, grad_value_nm, a.grad_out + nq * row + m * pb.D);
       sample_gradients(pb, s, a.grad_attn + i0, a.grad_loc + 2 * i0);
@@ -596,11 +660,11 @@ void backward_impl(const BackwardArgs<scalar_t, grad_t>& a, const Scratch& s, in
   std::memset(s.zero_row, 0, a.pb.D * sizeof(scalar_t));
   if constexpr (std::is_same_v<scalar_t, float> && kLaneGeometry) {
     if (a.lane_geometry) {
-      fill_level_table<float, int32_t>(a.pb, s, sizeof(float));
+      fill_level_table<float, true>(a.pb, s);
       return backward_heads<float, grad_t, true>(a, s, begin, end);
     }
   }
-  fill_level_table<acc_t, int64_t>(a.pb, s, 1);
+  fill_level_table<acc_t, false>(a.pb, s);
   backward_heads<scalar_t, grad_t, false>(a, s, begin, end);
 }
 
