@@ -1,7 +1,7 @@
 """tools/convert_maskdino.py: a Mask DINO checkpoint onto unip-v2's image encoder.
 
 The sources are fake Mask DINO state dicts with the real key names and shapes of
-IDEA-Research/MaskDINO (see /work/shared/notes/maskdino_facts.md section 7) and random
+IDEA-Research/MaskDINO's released checkpoints and random
 values: the R50 reference model in full, and a Swin-L "4s" one with 1 block per stage.
 """
 import json

@@ -10,7 +10,7 @@ Usage::
     cfg.merge_from_file("configs/Base-UniPerceiverV2.yaml")
 
 Every key gets a comment saying what it does (tests/test_project_setup.py enforces it).
-Defaults are the paper's (seed 001, Table 7 and Appendix B) for the R50 model; the toy
+Defaults are Uni-Perceiver v2's (Table 7 and Appendix B) for the R50 model; the toy
 configs shrink them.
 """
 from detectron2.config import CfgNode as CN

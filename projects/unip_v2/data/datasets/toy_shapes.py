@@ -18,7 +18,7 @@ Registered detectron2 names: ``toy_shapes_train``, ``toy_shapes_val`` and
 Train and val draw objects from the 10 TOY_SHAPES_CATEGORIES. The novel split draws them
 from those and the 4 TOY_SHAPES_NOVEL_CATEGORIES (colour-shape pairs whose colour and shape
 are both seen in training, never together), uniformly over the 14: it measures detection of
-categories named only at test time (the seed paper's Appendix C). Its metadata lists all 14
+categories named only at test time (Uni-Perceiver v2, Appendix C). Its metadata lists all 14
 names in ``thing_classes`` and the held-out ones in ``novel_thing_classes``.
 """
 import json

@@ -55,7 +55,7 @@ _CATEGORY_PAIRS = [
     ("black", "arrow"),
 ]
 
-# Held-out colour-shape combinations (the seed paper's Appendix C, detection of novel
+# Held-out colour-shape combinations (Uni-Perceiver v2, Appendix C, detection of novel
 # categories, in miniature): each colour and each shape is seen in training as part of another
 # category, the pair never. They are rendered only in the "novel" split.
 _NOVEL_PAIRS = [

@@ -15,7 +15,7 @@ __all__ = ["LogitScale", "class_logits", "matched_class_loss", "detection_topk"]
 
 class LogitScale(nn.Module):
     """The learnable 1/tau of Eq. 5, one per task family: stored as a log, initialised to
-    1/0.07 (CLIP, DESIGN.md section 2), used clamped at 100 so training cannot blow it up."""
+    1/0.07 (CLIP's initial temperature), used clamped at 100 so training cannot blow it up."""
 
     def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""f_text (Eq. 4 of seed 001): RoBERTa token features of a text, projected to the unified
+"""f_text (Uni-Perceiver v2, Sec. 4.2, Eq. 4): RoBERTa token features of a text, projected to the unified
 decoder's width.
 
     texts --tokenize--> input_ids (B, L), attention_mask (B, L)

@@ -1,5 +1,5 @@
-"""Conditional MoE FFN with attribute-level routing (DESIGN.md sec. 2, "MoE";
-uniperceiver_facts.md sec. 1).
+"""Conditional MoE FFN with attribute-level routing (Uni-Perceiver-MoE, as used in
+every FFN of Uni-Perceiver v2's unified decoder, Sec. 4.3 and 5.2).
 
 Routing looks only at a segment's attribute vector, so every token of a segment, and
 every sample whose segment has the same attributes, shares one decision. Experts are
