@@ -230,7 +230,8 @@ def prepare_baseline(spec):
     if os.path.isdir(spec):
         path = os.path.abspath(spec)
     else:
-        sha = run(["git", "-C", ROOT, "rev-parse", "--verify", "--short", spec + "^{commit}"]).stdout.strip()
+        sha = run(["git", "-C", ROOT, "rev-parse", "--verify", "--short",
+                   spec + "^{commit}"]).stdout.strip()
         path = os.path.join(ROOT, "build", f"baseline-{sha}")
         if not os.path.isdir(os.path.join(path, "projects")):
             os.makedirs(path, exist_ok=True)
@@ -325,13 +326,14 @@ def compare_gradients(work, rtol):
     b = torch.load(os.path.join(work, "grads-current.pth"), weights_only=True)
     if set(a) != set(b):
         raise SystemExit(f"parameters with gradients differ: only baseline "
-                         f"{sorted(set(a) - set(b))[:5]}, only current {sorted(set(b) - set(a))[:5]}")
+                         f"{sorted(set(a) - set(b))[:5]}, "
+                         f"only current {sorted(set(b) - set(a))[:5]}")
     total = torch.cat([g.flatten().double() for g in a.values()]).norm().item()
     diff = torch.cat([(a[k].double() - b[k].double()).flatten() for k in a]).norm().item()
     worst = max((((a[k].double() - b[k].double()).norm() / a[k].double().norm()).item(), k)
                 for k in a if a[k].double().norm().item() > 1e-6 * total)
-    print(f"first iteration's gradients ({len(a)} parameters): relative difference {diff / total:.2e} "
-          f"overall, {worst[0]:.2e} for the worst parameter ({worst[1]})")
+    print(f"first iteration's gradients ({len(a)} parameters): relative difference "
+          f"{diff / total:.2e} overall, {worst[0]:.2e} for the worst parameter ({worst[1]})")
     if diff / total > rtol:
         raise SystemExit(f"gradients differ by {diff / total:.2e} > --grad-rtol {rtol}")
 

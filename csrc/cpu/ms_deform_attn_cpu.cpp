@@ -76,43 +76,26 @@ bool lane_geometry(const cpu::Problem& pb) {
   return !disabled && bytes < (int64_t(1) << 31);
 }
 
-template <typename scalar_t>
-constexpr bool kMultiIsa = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-
-template <typename scalar_t>
-void run_forward(const cpu::ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+// Runs the kernels of the widest instruction set that is built and that the CPU supports, on
+// the work items [begin, end) of one thread, with that thread's scratch buffers. Args:
+// cpu::ForwardArgs or cpu::BackwardArgs; fp16 / bf16 have the baseline build only.
+template <typename Args>
+void run_kernels(const Args& a, int64_t begin, int64_t end) {
+  using scalar_t = typename Args::scalar_type;
   const cpu::ScratchBuffer scratch(a.pb);
   const cpu::Scratch& s = scratch.get();
-  if constexpr (kMultiIsa<scalar_t>) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     switch (cpu_isa()) {
 #ifdef UNIP_V2_CPU_KERNELS_AVX512
-      case Isa::kAvx512: return cpu::kernels_avx512::forward(a, s, begin, end);
+      case Isa::kAvx512: return cpu::kernels_avx512::run(a, s, begin, end);
 #endif
 #ifdef UNIP_V2_CPU_KERNELS_AVX2
-      case Isa::kAvx2: return cpu::kernels_avx2::forward(a, s, begin, end);
+      case Isa::kAvx2: return cpu::kernels_avx2::run(a, s, begin, end);
 #endif
       default: break;
     }
   }
-  cpu::kernels_default::forward(a, s, begin, end);
-}
-
-template <typename scalar_t, typename grad_t>
-void run_backward(const cpu::BackwardArgs<scalar_t, grad_t>& a, int64_t begin, int64_t end) {
-  const cpu::ScratchBuffer scratch(a.pb);
-  const cpu::Scratch& s = scratch.get();
-  if constexpr (kMultiIsa<scalar_t>) {
-    switch (cpu_isa()) {
-#ifdef UNIP_V2_CPU_KERNELS_AVX512
-      case Isa::kAvx512: return cpu::kernels_avx512::backward(a, s, begin, end);
-#endif
-#ifdef UNIP_V2_CPU_KERNELS_AVX2
-      case Isa::kAvx2: return cpu::kernels_avx2::backward(a, s, begin, end);
-#endif
-      default: break;
-    }
-  }
-  cpu::kernels_default::backward(a, s, begin, end);
+  cpu::kernels_default::run(a, s, begin, end);
 }
 
 // The kernels index value rows through these numbers, so they are checked where they are
@@ -174,7 +157,7 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value,
                                               out.data_ptr<scalar_t>(),
                                               lanes};
         at::parallel_for(0, pb.N * pb.Lq, grain, [&](int64_t begin, int64_t end) {
-          run_forward(args, begin, end);
+          run_kernels(args, begin, end);
         });
       });
   return out;
@@ -213,7 +196,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value,
               grad_attn.data_ptr<scalar_t>(),
               lanes};
           at::parallel_for(0, pb.N * pb.M, 1, [&](int64_t begin, int64_t end) {
-            run_backward(args, begin, end);
+            run_kernels(args, begin, end);
           });
         });
   }

@@ -52,6 +52,7 @@ constexpr int64_t kMaxLanes = 16;  // fp32 lanes of the widest target (AVX-512)
 
 template <typename scalar_t>
 struct ForwardArgs {
+  using scalar_type = scalar_t;
   Problem pb;
   const scalar_t* value;
   const scalar_t* loc;
@@ -62,6 +63,7 @@ struct ForwardArgs {
 
 template <typename scalar_t, typename grad_t>
 struct BackwardArgs {
+  using scalar_type = scalar_t;
   Problem pb;
   const scalar_t* value;
   const scalar_t* loc;
@@ -73,13 +75,15 @@ struct BackwardArgs {
   bool lane_geometry;
 };
 
-// forward: output rows of queries [begin, end) of the flattened (N * Lq) query index.
-// backward: the (batch, head) pairs [begin, end) of the flattened (N * M) index; only the
-// owner of (n, m) writes grad_value[n, :, m, :], so the scatter needs no atomics.
-#define UNIP_V2_DECLARE_CPU_KERNELS(NS, T, G)                                                    \
-  namespace NS {                                                                              \
-  void forward(const ForwardArgs<T>& a, const Scratch& s, int64_t begin, int64_t end);        \
-  void backward(const BackwardArgs<T, G>& a, const Scratch& s, int64_t begin, int64_t end);   \
+// One entry point per pass, overloaded on its arguments:
+//   run(ForwardArgs)   output rows of queries [begin, end) of the flattened (N * Lq) index;
+//   run(BackwardArgs)  the (batch, head) pairs [begin, end) of the flattened (N * M) index; only
+//                      the owner of (n, m) writes grad_value[n, :, m, :], so the scatter needs
+//                      no atomics.
+#define UNIP_V2_DECLARE_CPU_KERNELS(NS, T, G)                                                 \
+  namespace NS {                                                                           \
+  void run(const ForwardArgs<T>& a, const Scratch& s, int64_t begin, int64_t end);         \
+  void run(const BackwardArgs<T, G>& a, const Scratch& s, int64_t begin, int64_t end);     \
   }
 
 UNIP_V2_DECLARE_CPU_KERNELS(kernels_default, float, float)

@@ -119,8 +119,9 @@ double error(const std::vector<T>& a, const std::vector<double>& b) {
   return worst;
 }
 
-template <typename T, typename Fwd, typename Bwd>
-bool run(const char* build, const Case& c, bool lanes, Fwd fwd, Bwd bwd, double tol) {
+// Kernel: a tag type whose static run() overloads are one build's entry points.
+template <typename T, typename Kernel>
+bool check(const char* build, const Case& c, bool lanes, double tol) {
   bool ok = true;
   for (uint32_t seed = 0; seed < 2; ++seed) {
     Data d = make(c, seed);
@@ -132,9 +133,9 @@ bool run(const char* build, const Case& c, bool lanes, Fwd fwd, Bwd bwd, double 
                          go = as<T>(d.grad_out);
     std::vector<T> o(out.size()), g_value(gv.size(), T(0)), g_loc(gl.size()), g_attn(ga.size());
     const ScratchBuffer scratch(d.pb);
-    fwd(ForwardArgs<T>{d.pb, value.data(), loc.data(), attn.data(), o.data(), lanes},
+    Kernel::run(ForwardArgs<T>{d.pb, value.data(), loc.data(), attn.data(), o.data(), lanes},
         scratch.get(), 0, c.N * c.Lq);
-    bwd(BackwardArgs<T, T>{d.pb, value.data(), loc.data(), attn.data(), go.data(),
+    Kernel::run(BackwardArgs<T, T>{d.pb, value.data(), loc.data(), attn.data(), go.data(),
                            g_value.data(), g_loc.data(), g_attn.data(), lanes},
         scratch.get(), 0, c.N * c.M);
     const double e[4] = {error(o, out), error(g_value, gv), error(g_loc, gl), error(g_attn, ga)};
@@ -149,23 +150,28 @@ bool run(const char* build, const Case& c, bool lanes, Fwd fwd, Bwd bwd, double 
   return ok;
 }
 
-#define CHECK_BUILD(NS, NAME)                                                                 \
-  for (const Case& c : cases) {                                                              \
-    for (bool lanes : {true, false}) {                                                       \
-      ok &= run<float>(NAME, c, lanes,                                                       \
-                       [](const ForwardArgs<float>& a, const Scratch& s, int64_t b,          \
-                          int64_t e) { NS::forward(a, s, b, e); },                           \
-                       [](const BackwardArgs<float, float>& a, const Scratch& s, int64_t b,  \
-                          int64_t e) { NS::backward(a, s, b, e); },                          \
-                       2e-5);                                                                \
-    }                                                                                        \
-    ok &= run<double>(NAME, c, false,                                                        \
-                      [](const ForwardArgs<double>& a, const Scratch& s, int64_t b,          \
-                         int64_t e) { NS::forward(a, s, b, e); },                            \
-                      [](const BackwardArgs<double, double>& a, const Scratch& s, int64_t b, \
-                         int64_t e) { NS::backward(a, s, b, e); },                           \
-                      1e-12);                                                                \
+// The entry points of one build as a type, so check<> can take them as a template argument.
+#define KERNEL_TAG(NS)                                                              \
+  struct NS##_tag {                                                                 \
+    template <typename A>                                                           \
+    static void run(const A& a, const Scratch& s, int64_t b, int64_t e) {           \
+      NS::run(a, s, b, e);                                                          \
+    }                                                                               \
+  };
+
+#define CHECK_BUILD(NS, NAME)                                                       \
+  for (const Case& c : cases) {                                                    \
+    for (bool lanes : {true, false}) ok &= check<float, NS##_tag>(NAME, c, lanes, 2e-5); \
+    ok &= check<double, NS##_tag>(NAME, c, false, 1e-12);                          \
   }
+
+KERNEL_TAG(kernels_default)
+#ifdef UNIP_V2_CPU_KERNELS_AVX2
+KERNEL_TAG(kernels_avx2)
+#endif
+#ifdef UNIP_V2_CPU_KERNELS_AVX512
+KERNEL_TAG(kernels_avx512)
+#endif
 
 }  // namespace
 

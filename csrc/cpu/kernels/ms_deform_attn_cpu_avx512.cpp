@@ -2,7 +2,7 @@
 // -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma).
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
     !defined(__AVX512DQ__) || !defined(__FMA__)
-#error "ms_deform_attn_cpu_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma (see setup.py)"
+#error "compile ms_deform_attn_cpu_avx512.cpp with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma"
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512

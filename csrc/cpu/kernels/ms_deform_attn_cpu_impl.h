@@ -673,32 +673,30 @@ void backward_impl(const BackwardArgs<scalar_t, grad_t>& a, const Scratch& s, in
 // ---------------------------------------------------------------------------------------
 // Entry points (declared in ms_deform_attn_cpu_kernels.h).
 
-void forward(const ForwardArgs<float>& a, const Scratch& s, int64_t begin, int64_t end) {
+void run(const ForwardArgs<float>& a, const Scratch& s, int64_t begin, int64_t end) {
   forward_impl(a, s, begin, end);
 }
-void forward(const ForwardArgs<double>& a, const Scratch& s, int64_t begin, int64_t end) {
+void run(const ForwardArgs<double>& a, const Scratch& s, int64_t begin, int64_t end) {
   forward_impl(a, s, begin, end);
 }
-void backward(const BackwardArgs<float, float>& a, const Scratch& s, int64_t begin, int64_t end) {
+void run(const BackwardArgs<float, float>& a, const Scratch& s, int64_t begin, int64_t end) {
   backward_impl(a, s, begin, end);
 }
-void backward(const BackwardArgs<double, double>& a, const Scratch& s, int64_t begin,
-              int64_t end) {
+void run(const BackwardArgs<double, double>& a, const Scratch& s, int64_t begin, int64_t end) {
   backward_impl(a, s, begin, end);
 }
 #ifdef UNIP_V2_CPU_KERNELS_REDUCED_PRECISION
-void forward(const ForwardArgs<c10::Half>& a, const Scratch& s, int64_t begin, int64_t end) {
+void run(const ForwardArgs<c10::Half>& a, const Scratch& s, int64_t begin, int64_t end) {
   forward_impl(a, s, begin, end);
 }
-void forward(const ForwardArgs<c10::BFloat16>& a, const Scratch& s, int64_t begin, int64_t end) {
+void run(const ForwardArgs<c10::BFloat16>& a, const Scratch& s, int64_t begin, int64_t end) {
   forward_impl(a, s, begin, end);
 }
-void backward(const BackwardArgs<c10::Half, float>& a, const Scratch& s, int64_t begin,
-              int64_t end) {
+void run(const BackwardArgs<c10::Half, float>& a, const Scratch& s, int64_t begin, int64_t end) {
   backward_impl(a, s, begin, end);
 }
-void backward(const BackwardArgs<c10::BFloat16, float>& a, const Scratch& s, int64_t begin,
-              int64_t end) {
+void run(const BackwardArgs<c10::BFloat16, float>& a, const Scratch& s, int64_t begin,
+         int64_t end) {
   backward_impl(a, s, begin, end);
 }
 #endif

@@ -128,7 +128,8 @@ class MSDeformAttn(nn.Module):
             base = ref[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).contiguous()
         else:
             # offsets are in units of half the box, scaled by 1/P so points stay inside.
-            scale = (ref[:, :, None, :, None, 2:] * (0.5 / P)).expand(N, Lq, 1, L, P, 2).contiguous()
+            scale = ref[:, :, None, :, None, 2:] * (0.5 / P)
+            scale = scale.expand(N, Lq, 1, L, P, 2).contiguous()
             base = ref[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).contiguous()
         locations = torch.addcmul(base, offsets, scale)
         out = ms_deform_attn(value, spatial_shapes, level_start_index,

@@ -1,9 +1,9 @@
 """TargetBank: the encoded target set (class embeddings) of a task, cached for inference.
 
 A target such as a category name is encoded like any input: [<SPE>, f_text(name)] through
-the unified decoder g, and its <SPE> output is its embedding (Uni-Perceiver v2, Sec. 4.3). During
-training the encoders change every step, so the bank encodes afresh on every call. In eval
-mode the embeddings of a target set are computed once and reused, so inference never runs
+the unified decoder g, and its <SPE> output is its embedding (Uni-Perceiver v2, Sec. 4.3).
+During training the encoders change every step, so the bank encodes afresh on every call. In
+eval mode the embeddings of a target set are computed once and reused, so inference never runs
 the text encoder per image. The cache is dropped whenever the weights may have changed:
 on `train()` / `eval()` switches and when a state dict is loaded into the model that holds
 the bank (and, by hand, with `clear()`).

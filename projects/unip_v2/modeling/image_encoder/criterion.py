@@ -90,7 +90,7 @@ class ProposalCriterion(nn.Module):
             zero = mask_embed.sum() * 0.0 + mask_features.sum() * 0.0
             return zero, zero
         device = mask_embed.device
-        B, _, C = mask_embed.shape
+        B, Q, C = mask_embed.shape
         h, w = mask_features.shape[-2:]
         image = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(counts)])
         slot = torch.cat([torch.arange(n) for n in counts])
@@ -100,7 +100,6 @@ class ProposalCriterion(nn.Module):
         # are picked by index_select on flattened dimensions, whose backward (index_add) is
         # far cheaper on a CPU than advanced indexing's (an accumulating index_put)
         m_max = max(counts)
-        Q = mask_embed.shape[1]
         rows = mask_embed.flatten(0, 1).index_select(0, image * Q + query).float()  # (M, C)
         embed = rows.new_zeros(B * m_max, C).index_copy(0, image * m_max + slot, rows)
         masks = torch.bmm(embed.view(B, m_max, C), mask_features.float().flatten(2))

@@ -130,5 +130,6 @@ class HungarianMatcher(nn.Module):
         for b, C in zip(images, costs):
             C = torch.nan_to_num(C, nan=1e8, posinf=1e8, neginf=-1e8).cpu()
             q, g = linear_sum_assignment(C.numpy())
-            result[b] = (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64))
+            result[b] = (torch.as_tensor(q, dtype=torch.int64),
+                         torch.as_tensor(g, dtype=torch.int64))
         return result

@@ -1,5 +1,5 @@
-"""f_text (Uni-Perceiver v2, Sec. 4.2, Eq. 4): RoBERTa token features of a text, projected to the unified
-decoder's width.
+"""f_text (Uni-Perceiver v2, Sec. 4.2, Eq. 4): RoBERTa token features of a text, projected
+to the unified decoder's width.
 
     texts --tokenize--> input_ids (B, L), attention_mask (B, L)
           --RoBERTa--> (B, L, H) --Linear or identity--> (B, L, D_out)

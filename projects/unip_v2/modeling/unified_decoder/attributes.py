@@ -1,4 +1,5 @@
-"""Routing attribute vectors of the conditional MoE (Uni-Perceiver-MoE's attribute-level routing, used by Uni-Perceiver v2, Sec. 4.3).
+"""Routing attribute vectors of the conditional MoE (Uni-Perceiver-MoE's attribute-level
+routing, used by Uni-Perceiver v2, Sec. 4.3).
 
 The gate of every MoE FFN sees a fixed binary vector per segment, never token content.
 Uni-Perceiver-MoE used 8 bits (modality present in the task, this segment's modality,
