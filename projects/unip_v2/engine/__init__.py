@@ -1,6 +1,8 @@
 """Training / evaluation loop (detectron2's DefaultTrainer with unip-v2's builders) and the
 predictor of the demo."""
 from .predictor import Predictor, parse_vocabulary
+from .checkpointer import Checkpointer, CheckpointLoadError, check_finite_weights
 from .trainer import Trainer
 
-__all__ = ["Predictor", "Trainer", "parse_vocabulary"]
+__all__ = ["CheckpointLoadError", "Checkpointer", "Predictor", "Trainer", "check_finite_weights",
+           "parse_vocabulary"]

@@ -1,6 +1,17 @@
 """`Trainer`: detectron2's DefaultTrainer with unip-v2's data mappers, evaluators and
-optimiser. Used by tools/train_net.py (train, --eval-only, --resume)."""
+optimiser, and a checkpoint from which training resumes exactly. Used by tools/train_net.py
+(train, --eval-only, --resume).
+
+What a checkpoint holds (`Trainer.state_dict`): the model; the iteration; the LR scheduler
+(detectron2's hook state); the optimiser (AdamW's moments and step counts, the current
+learning rates) and, under AMP, the gradient scaler; the train loader's seed and stream
+position; the random generators' states (Python, NumPy, torch). With them, N iterations then
+`--resume` give the same per-iteration losses as one run, bit for bit (with DATALOADER
+.NUM_WORKERS fixed; tests/test_resume.py). Checkpoints are written atomically and resume
+falls back past unreadable ones (`engine/checkpointer.py`).
+"""
 import os
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -13,6 +24,8 @@ from ..data.build import build_train_loader
 from ..data.dataset_mappers import build_dataset_mapper
 from ..evaluation import ClassAgnosticCOCOEvaluator
 from ..solver import build_optimizer
+from ..utils.rng import fork_rng, get_rng_state, set_rng_state
+from .checkpointer import Checkpointer
 
 __all__ = ["Trainer"]
 
@@ -29,7 +42,43 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer "
                              f"uses CUDA autocast); MODEL.DEVICE is {cfg.MODEL.DEVICE!r} and "
                              f"torch.cuda.is_available() is {torch.cuda.is_available()}")
+        period = cfg.SOLVER.CHECKPOINT_PERIOD
+        if not (isinstance(period, int) and period > 0):
+            raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be a positive number of iterations, "
+                             f"got {period!r} (a checkpoint is also written at the last "
+                             f"iteration; use a period >= SOLVER.MAX_ITER for that one only)")
         super().__init__(cfg)
+
+    def build_hooks(self):
+        # Swap detectron2's checkpointer for the atomic, verifying one before the hooks
+        # (PeriodicCheckpointer) take a reference to it.
+        old = self.checkpointer
+        self.checkpointer = Checkpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                         trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    def state_dict(self):
+        """Everything training depends on (see the module docstring). detectron2 0.6's
+        DefaultTrainer saves only the iteration and the hooks (the LR scheduler)."""
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()   # optimizer (+ grad_scaler under AMP)
+        if hasattr(self.data_loader, "state_dict"):
+            state["data_loader"] = self.data_loader.state_dict()
+        state["rng"] = get_rng_state()
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if "_trainer" not in state:
+            raise KeyError("the checkpoint holds no optimiser state ('_trainer'): it was not "
+                           "written by this trainer; load it with MODEL.WEIGHTS instead of "
+                           "--resume to start a new run from its weights")
+        self._trainer.load_state_dict(state["_trainer"])
+        if "data_loader" in state and hasattr(self.data_loader, "load_state_dict"):
+            self.data_loader.load_state_dict(state["data_loader"])
+        # last: nothing between here and the first resumed iteration draws random numbers
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -58,6 +107,13 @@ class Trainer(DefaultTrainer):
         dataset's thing_classes before it is evaluated (unless
         MODEL.DETECTION.TEST_CLASS_NAMES fixes the names), so DATASETS.TEST may hold datasets
         with different categories (toy_shapes_val and toy_shapes_novel, say)."""
+        # Evaluation in the middle of training must not move the training's random numbers
+        # (the test mapper draws from NumPy): a resumed run would otherwise diverge.
+        with fork_rng():
+            return cls._test(cfg, model, evaluators)
+
+    @classmethod
+    def _test(cls, cfg, model, evaluators=None):
         core = getattr(model, "module", model)   # DistributedDataParallel wraps the model
         if cfg.MODEL.DETECTION.TEST_CLASS_NAMES or not hasattr(core, "set_test_class_names"):
             return super().test(cfg, model, evaluators)
