@@ -185,7 +185,7 @@ def _mutate(rng, args, torch, kinds=VALID_KINDS + MALFORMED_KINDS):
         return a, f"nonfinite: {name}", False
     if kind == "empty":
         which = rng.choice(["batch", "queries", "points"])
-        n, q, p = (0, Lq, P) if which == "batch" else (N, 0, P) if which == "queries" else (N, Lq, 0)
+        n, q, p = {"batch": (0, Lq, P), "queries": (N, 0, P), "points": (N, Lq, 0)}[which]
         a["value"] = v[:n].contiguous()
         a["sampling_locations"] = torch.rand(n, q, M, L, p, 2, dtype=v.dtype)
         a["attention_weights"] = torch.rand(n, q, M, L, p, dtype=v.dtype)
@@ -305,8 +305,13 @@ def _run_one(seed, index):
     if target == "C_backward":
         if tuple(tuple(g.shape) for g in out) != (tuple(v.shape), tuple(loc.shape), tuple(w.shape)):
             return f"{desc}: gradient shapes {[tuple(g.shape) for g in out]}"
-        if not all(torch.isfinite(args[n]).all() for n in FLOATS) or reduced:
-            return None  # gradients of non-finite inputs: shapes only (see the op tests)
+        # Non-finite locations have a defined gradient (zero) and are compared. An inf / NaN
+        # value or weight makes the gradients non-finite, and there the backward kernels'
+        # order of products (weight folded into each corner) may give NaN where the
+        # reference gives inf: only the shapes are checked. fp16 / bf16: shapes only too.
+        finite = all(torch.isfinite(args[n]).all() for n in ("value", "attention_weights"))
+        if not finite or reduced:
+            return None
         ref = _grads(args, grad_out, torch)
         for name, mine, theirs in zip(FLOATS, out, ref):
             if name == "sampling_locations":  # per pixel, as in the op tests
@@ -350,8 +355,8 @@ def _worker(seed, start, count):
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", UNIP_V2_MSDA_BACKEND="")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(REPO, "projects")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "projects")] + paths)
     return env
 
 

@@ -14,6 +14,9 @@ output[n, q, m*D:(m+1)*D] = sum_{l,p} attention_weights[n,q,m,l,p] *
 where bilinear reads pixel (x * W_l - 0.5, y * H_l - 0.5) with zeros outside the map, exactly
 `F.grid_sample(align_corners=False, padding_mode="zeros")` at `2 * loc - 1`. Locations that
 fall wholly outside a map, and NaN or infinite locations, sample zeros and get zero gradient.
+A level with H or W = 0 holds no positions: every location on it samples zero. Each term is
+weight * sample in IEEE arithmetic, on every backend: an infinite weight gives +-inf on a
+non-zero sample and NaN on a zero one (outside the map), a NaN weight gives NaN.
 """
 from typing import List, Optional, Tuple
 
