@@ -53,9 +53,12 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(const at::Tensor& value,
                                                      const at::Tensor& grad_output);
 #endif
 
-// Shape, dtype, device and contiguity checks shared by both backends. They raise
-// c10::Error (a Python RuntimeError) naming the tensor and its shape; the Python face runs
-// friendlier checks first, these keep a direct caller of the extension from crashing.
+// Shape, dtype, device, layout and contiguity checks shared by both backends, and the level
+// table (spatial_shapes, level_start_index) against value's S with overflow-checked
+// arithmetic. They raise c10::Error (a Python RuntimeError) naming the tensor and its shape;
+// the Python face runs friendlier checks first, these keep a direct caller of the extension
+// from crashing. Cheap: no pass over any tensor but the two L-entry tables (copied to the
+// host for CUDA tensors).
 void check_ms_deform_attn_inputs(const at::Tensor& value,
                                  const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,

@@ -1,5 +1,6 @@
 """The MSDeformAttn layer: initialisation, reference points, padding, gradients, errors."""
 import math
+import re
 
 import pytest
 import torch
@@ -116,3 +117,21 @@ def test_bad_shapes_raise_with_shape_in_message():
         MSDeformAttn(d_model=30, n_heads=8)
     assert math.isfinite(layer(torch.randn(2, 5, 32), torch.rand(2, 5, 2, 2), x, ss,
                                starts).sum().item())
+
+
+@pytest.mark.parametrize("name", ["d_model", "n_levels", "n_heads", "n_points"])
+@pytest.mark.parametrize("bad", [0, -2])
+def test_non_positive_sizes_raise_naming_the_argument(name, bad):
+    kwargs = dict(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    kwargs[name] = bad
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {bad}"):
+        MSDeformAttn(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(5, 32), (2, 1, 5, 32), (32,)])
+def test_query_of_wrong_rank_raises_with_expected_shape(shape):
+    x, ss, starts = level_inputs(((4, 4), (2, 2)))
+    layer = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    with pytest.raises(ValueError, match=r"query must be \(N, Lq, C=32\), got shape " +
+                       re.escape(str(tuple(shape)))):
+        layer(torch.randn(*shape), torch.rand(2, 5, 2, 2), x, ss, starts)

@@ -403,3 +403,191 @@ def test_missing_compiled_backend_warns_once_and_explicit_request_fails(monkeypa
     assert torch.equal(out1, out2)
     with pytest.raises(RuntimeError, match="not available"):
         ms_deform_attn(value, ss, starts, loc, w, backend="cpu")
+
+
+# ------------------------------------------------------- malformed calls of the extension
+
+_RAW_CALLS_SCRIPT = r'''
+import torch
+from unip_v2 import _C
+
+def inputs(shapes, dtype=torch.float64, N=1, M=1, D=2, Lq=3, P=1):
+    sizes = [h * w for h, w in shapes]
+    v = torch.randn(N, sum(sizes), M, D, dtype=dtype)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    starts = torch.tensor([sum(sizes[:i]) for i in range(len(shapes))], dtype=torch.int64)
+    loc = torch.tensor([0.3, 0.71, 0.113], dtype=dtype)[:Lq].view(1, Lq, 1, 1, 1, 1)
+    loc = loc.expand(N, Lq, M, len(shapes), P, 2).contiguous()
+    w = torch.ones(N, Lq, M, len(shapes), P, dtype=dtype)
+    return [v, ss, starts, loc, w]
+
+def overflowing(hw, S):
+    """A level whose H * W wraps around int64 to S (the S value holds)."""
+    v, _, _, loc, w = inputs([(2, 2)])
+    v = torch.randn(1, S, 1, 2, dtype=torch.float64)
+    return [v, torch.tensor([hw]), torch.tensor([0]), loc, w]
+
+good = inputs([(2, 3), (2, 2)])
+cases = {
+    # H * W = 2^64 + 4 wraps to 4: the kernel then indexed rows 2^61 apart (a segfault)
+    "H*W wraps to S": (overflowing((2 ** 62 + 1, 4), 4), "overflows"),
+    "W*H wraps to S": (overflowing((4, 2 ** 62 + 1), 4), "overflows"),
+    "H*W wraps to 0": (overflowing((2 ** 32, 2 ** 32), 0), "overflows"),
+    "H*W = 2^80": (overflowing((2 ** 40, 2 ** 40), 4), "overflows"),
+    # each level fits, their sum does not: starts as a wrapping int64 cumsum would give
+    "sum of H*W wraps": ([torch.randn(1, 2, 1, 2, dtype=torch.float64),
+                          torch.tensor([[2 ** 61, 2], [2 ** 61, 2], [1, 2]]),
+                          torch.tensor([0, 2 ** 62, -2 ** 63]),
+                          torch.full((1, 3, 1, 3, 1, 2), 0.3, dtype=torch.float64),
+                          torch.ones(1, 3, 1, 3, 1, dtype=torch.float64)], "positions"),
+    "negative start": (good[:2] + [torch.tensor([0, -6])] + good[3:], "level_start_index"),
+    "huge start": (good[:2] + [torch.tensor([0, 2 ** 62])] + good[3:], "level_start_index"),
+    "negative size": (good[:1] + [torch.tensor([[-2, -3], [2, 2]])] + good[2:], "negative"),
+    "int value": ([good[0].long()] + good[1:], "value"),
+    "complex value": ([g.to(torch.complex128) if g.is_floating_point() else g for g in good],
+                      "value"),
+    "value on meta": ([good[0].to("meta")] + good[1:], "meta"),
+    "all on meta": ([g.to("meta") for g in good], "meta"),
+    "sparse value": ([good[0].to_sparse()] + good[1:], "value"),
+}
+for name, (args, words) in cases.items():
+    for fn in ("forward", "backward"):
+        call = list(args)
+        if fn == "backward":
+            v, loc = call[0], call[3]
+            call.append(torch.ones(v.shape[0], loc.shape[1], v.shape[2] * v.shape[3],
+                                   dtype=torch.float64))
+        try:
+            getattr(_C, "ms_deform_attn_" + fn)(*call)
+        except RuntimeError as e:
+            assert "ms_deform_attn" in str(e) and words in str(e), (name, str(e))
+            continue
+        raise AssertionError(f"{fn} of {name!r} returned instead of raising")
+print("ALL RAISED")
+'''
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="compiled CPU backend not built")
+def test_extension_rejects_overflowing_and_inconsistent_levels_without_crashing():
+    """The extension's own checks (not only the Python face) turn malformed calls into
+    errors; H * W overflowing int64 used to wrap to a plausible S and segfault. Runs in a
+    subprocess: a crash (negative return code) fails the test instead of the session."""
+    res = subprocess.run([sys.executable, "-c", _RAW_CALLS_SCRIPT], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "ALL RAISED" in res.stdout, (res.returncode, res.stderr)
+
+
+# ------------------------------------------------------------------------ double backward
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_double_backward_raises_instead_of_a_silent_zero(backend):
+    """A gradient of a gradient through a compiled backend has no kernel: an error naming
+    the reference backend, even where autograd would otherwise drop this op's share (another
+    path to value, or allow_unused)."""
+    value, ss, starts, loc, w = make_inputs(1, ((3, 4),), 1, 2, 3, 2, dtype=torch.float64,
+                                            device=DEVICE_OF[backend])
+    value, loc, w = [t.requires_grad_() for t in (value, loc, w)]
+    out = ms_deform_attn(value, ss, starts, loc, w, backend=backend)
+    g_w, = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    # d/d value of (g_w^2 + out) is not d out / d value alone: the penalty term depends on
+    # value too; before, it was silently dropped.
+    with pytest.raises(RuntimeError, match="differentiable once.*reference"):
+        torch.autograd.grad(g_w.square().sum() + out.sum(), value)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(g_w.sum(), value, allow_unused=True)
+
+
+def test_reference_double_backward_matches_finite_differences():
+    """The reference is the backend for double backward; gradgradcheck is the oracle."""
+    value, ss, starts, loc, w = make_inputs(1, ((3, 4), (2, 2)), 1, 2, 2, 2,
+                                            dtype=torch.float64, outside=0.0)
+    inputs = [t.requires_grad_() for t in (value, loc, w)]
+    assert torch.autograd.gradgradcheck(
+        lambda v, lo, wt: ms_deform_attn(v, ss, starts, lo, wt, backend="reference"),
+        inputs, eps=1e-6, atol=1e-4)
+
+
+# ------------------------------------------------------------- inf / NaN attention weights
+
+def _one_pixel_per_query(weights, locations, dtype, device):
+    """A 2 x 2 map holding 1, 2, 3, 4 (row-major), M = D = 1, one point per query."""
+    value = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=dtype, device=device).view(1, 4, 1, 1)
+    ss = torch.tensor([[2, 2]], device=device)
+    starts = torch.tensor([0], device=device)
+    Lq = len(weights)
+    loc = torch.tensor(locations, dtype=dtype, device=device).view(1, Lq, 1, 1, 1, 2)
+    w = torch.tensor(weights, dtype=dtype, device=device).view(1, Lq, 1, 1, 1)
+    return value, ss, starts, loc, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", COMPILED + ["reference"])
+def test_nonfinite_weights_follow_ieee_weight_times_sample(backend, dtype):
+    """output = weight * bilinear sample, in IEEE arithmetic: inf * (a positive sample) = inf,
+    inf * 0 (a location outside the map) = NaN, NaN * anything = NaN. Hand-computed; the
+    compiled kernels used to give NaN at a pixel centre (inf times the zero bilinear weight of
+    the other corners) and 0 outside the map."""
+    inf, nan = float("inf"), float("nan")
+    cases = [  # (weight, location (x, y), expected)
+        (inf, (0.25, 0.25), inf),     # pixel centre of value 1: one corner, three of weight 0
+        (-inf, (0.5, 0.5), -inf),     # the four corners, sample 2.5
+        (inf, (0.75, 0.25), inf),     # pixel centre of value 2
+        (inf, (2.0, 2.0), nan),       # outside the map: inf * 0
+        (nan, (0.5, 0.5), nan),
+        (nan, (-3.0, 0.5), nan),      # outside: NaN * 0
+        (2.0, (0.5, 0.5), 5.0),       # finite: 2 * 2.5
+        (2.0, (2.0, 2.0), 0.0),       # finite weight outside: 0
+    ]
+    device = DEVICE_OF.get(backend, "cpu")
+    value, ss, starts, loc, w = _one_pixel_per_query(
+        [c[0] for c in cases], [c[1] for c in cases], dtype, device)
+    out = ms_deform_attn(value, ss, starts, loc, w, backend=backend).view(-1).cpu()
+    expected = torch.tensor([c[2] for c in cases], dtype=dtype)
+    torch.testing.assert_close(out, expected, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_nonfinite_weights_agree_with_reference_on_random_inputs(backend):
+    """Every query of a random problem with some inf / NaN weights: the compiled backend
+    gives +inf, -inf and NaN exactly where the reference does (fp32, so the CPU takes the
+    vector geometry where it has one)."""
+    device = DEVICE_OF[backend]
+    value, ss, starts, loc, w = make_inputs(2, ((4, 5), (2, 3)), 2, 7, 9, 3, device=device,
+                                            outside=0.3)
+    g = torch.Generator().manual_seed(3)
+    pick = torch.rand(w.shape, generator=g) < 0.1
+    bad = torch.tensor([float("inf"), -float("inf"), float("nan")])[
+        torch.randint(0, 3, w.shape, generator=g)]
+    w = torch.where(pick.to(device), bad.to(device), w)
+    mine = ms_deform_attn(value, ss, starts, loc, w, backend=backend)
+    ref = ms_deform_attn(value, ss, starts, loc, w, backend="reference")
+    assert not torch.isfinite(ref).all()  # the case is not vacuous
+    torch.testing.assert_close(mine, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- zero-size level
+
+@pytest.mark.parametrize("backend", COMPILED + ["reference"])
+def test_zero_size_level_samples_nothing_on_every_backend(backend):
+    """A level with H or W = 0 holds no positions: every location on it is outside the map
+    and samples zero (weight * 0), the others are unaffected. Hand-computed: level 1 is the
+    2 x 2 map 1, 2, 3, 4 sampled at its centre (2.5)."""
+    device = DEVICE_OF.get(backend, "cpu")
+    value = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64, device=device)
+    value = value.view(1, 4, 1, 1).requires_grad_()
+    ss = torch.tensor([[0, 3], [2, 2], [5, 0]], device=device)
+    starts = torch.tensor([0, 0, 4], device=device)
+    loc = torch.full((1, 2, 1, 3, 1, 2), 0.5, dtype=torch.float64, device=device)
+    w = torch.tensor([[3.0, 2.0, 7.0], [float("inf"), 1.0, 1.0]], dtype=torch.float64,
+                     device=device).view(1, 2, 1, 3, 1)
+    out = ms_deform_attn(value, ss, starts, loc, w, backend=backend).view(-1).cpu()
+    # query 0: 3 * 0 + 2 * 2.5 + 7 * 0; query 1: inf * 0 (empty level) = NaN
+    torch.testing.assert_close(out, torch.tensor([5.0, float("nan")], dtype=torch.float64),
+                               equal_nan=True)
+    w = w[:, :1].contiguous().requires_grad_()
+    out = ms_deform_attn(value, ss, starts, loc[:, :1].contiguous(), w, backend=backend)
+    grad_w, grad_v = torch.autograd.grad(out.sum(), (w, value))
+    torch.testing.assert_close(grad_w.view(-1).cpu(),
+                               torch.tensor([0.0, 2.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(grad_v.view(-1).cpu(),
+                               torch.full((4,), 0.5, dtype=torch.float64))

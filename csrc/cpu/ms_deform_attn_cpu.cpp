@@ -98,32 +98,21 @@ void run_kernels(const Args& a, int64_t begin, int64_t end) {
   cpu::kernels_default::run(a, s, begin, end);
 }
 
-// The kernels index value rows through these numbers, so they are checked where they are
-// read anyway: a bad level_start_index is an error, never an out-of-bounds read.
+// The sizes of one call. The kernels index value rows through spatial_shapes and
+// level_start_index; check_ms_deform_attn_inputs (ms_deform_attn.cpp) has checked them against
+// each other and against S, with overflow checks, before any backend runs.
 cpu::Problem make_problem(const at::Tensor& value, const at::Tensor& spatial_shapes,
                           const at::Tensor& level_start_index,
                           const at::Tensor& sampling_locations) {
-  cpu::Problem pb{value.size(0),
-                  value.size(1),
-                  value.size(2),
-                  value.size(3),
-                  sampling_locations.size(1),
-                  sampling_locations.size(3),
-                  sampling_locations.size(4),
-                  spatial_shapes.data_ptr<int64_t>(),
-                  level_start_index.data_ptr<int64_t>()};
-  int64_t total = 0;
-  for (int64_t l = 0; l < pb.L; ++l) {
-    const int64_t H = pb.shapes[2 * l], W = pb.shapes[2 * l + 1];
-    TORCH_CHECK(H >= 0 && W >= 0, "ms_deform_attn: spatial_shapes[", l, "] = (", H, ", ", W,
-                ") is negative");
-    TORCH_CHECK(pb.starts[l] == total, "ms_deform_attn: level_start_index[", l, "] = ",
-                pb.starts[l], " but the levels before it hold ", total, " positions");
-    total += H * W;
-  }
-  TORCH_CHECK(total == pb.S, "ms_deform_attn: spatial_shapes hold ", total,
-              " positions but value has S = ", pb.S);
-  return pb;
+  return cpu::Problem{value.size(0),
+                      value.size(1),
+                      value.size(2),
+                      value.size(3),
+                      sampling_locations.size(1),
+                      sampling_locations.size(3),
+                      sampling_locations.size(4),
+                      spatial_shapes.data_ptr<int64_t>(),
+                      level_start_index.data_ptr<int64_t>()};
 }
 
 }  // namespace

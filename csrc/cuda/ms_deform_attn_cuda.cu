@@ -158,12 +158,17 @@ __global__ void __launch_bounds__(kThreads)
         const Corners<acc_t> c =
             locate<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]),
                           H, W, start, dims.S);
-        if (!c.any) continue;
-        const acc_t w = static_cast<acc_t>(attn[i]);
+        // The definition's order of products, weight times the bilinear sample (0 for a
+        // sample that reads nothing), as the reference computes it: for an infinite or NaN
+        // weight, (w * b_k) * v per corner would give NaN for a corner of bilinear weight 0
+        // where w * (sum of the corners) is +-inf, and skipping a sample outside the map
+        // would drop the reference's inf * 0 = NaN. Same as the CPU kernels.
+        acc_t sampled(0);
         for (int k = 0; k < 4; ++k) {
           if (!c.valid[k]) continue;
-          acc += (w * c.weight[k]) * static_cast<acc_t>(value_nmd[c.pos[k] * row]);
+          sampled += c.weight[k] * static_cast<acc_t>(value_nmd[c.pos[k] * row]);
         }
+        acc += static_cast<acc_t>(attn[i]) * sampled;
       }
     }
     out[t] = static_cast<scalar_t>(acc);  // out[n, q, m * D + d] is element nqm * D + d

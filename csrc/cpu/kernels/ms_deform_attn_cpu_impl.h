@@ -402,6 +402,55 @@ void gather(const Problem& pb, const Scratch& s, scalar_t* out) {
   }
 }
 
+// Whether any of the `count` attention weights is inf or NaN.
+template <typename scalar_t>
+bool any_nonfinite(const scalar_t* attn, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  bool bad = false;
+  for (int64_t j = 0; j < count; ++j) bad |= !std::isfinite(static_cast<acc_t>(attn[j]));
+  return bad;
+}
+
+// The output of one (query, head) in the definition's order of products, weight times the
+// bilinear sample: out[d] = sum_j w_j * (sum_k b_jk * row_jk[d]), a sample that reads nothing
+// being 0. The fast path folds the weight into each corner's coefficient, (w_j * b_jk) * row,
+// which is the same number for finite weights (up to rounding) but not in IEEE arithmetic for
+// an infinite or NaN weight: inf * b_jk is NaN for a corner of bilinear weight 0, where the
+// reference's inf * (sum of the corners) is +-inf; and a sample outside the map contributes
+// nothing instead of the reference's inf * 0 = NaN. So a (query, head) with such a weight
+// (rare; found by any_nonfinite) takes this slower loop, and the compiled and reference
+// backends agree on inf / NaN outputs. The order of the sum over samples does not matter
+// here: once a term is non-finite, the result (+-inf or NaN) is the same in any order.
+template <typename scalar_t, bool kLanes>
+void gather_nonfinite_weights(const Problem& pb, const Scratch& s, const scalar_t* loc,
+                              const scalar_t* attn, const scalar_t* value, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = s.padded, samples = pb.L * pb.P;
+  // The geometry with unit weights gives the bare bilinear weights b_jk as coefficients. The
+  // forward geometry does not use s.weight (padded * 8 bytes), so it holds the ones.
+  scalar_t* ones = as<scalar_t>(s.weight);
+  std::fill(ones, ones + samples, scalar_t(1));
+  if constexpr (kLanes && kLaneGeometry) {
+    locate_lanes(std::false_type{}, pb, s, loc, ones, value);
+  } else {
+    locate_scalar<false>(pb, s, loc, ones, value);
+  }
+  const int64_t* rows = as<int64_t>(s.row);
+  const acc_t* bilinear = as<acc_t>(s.coef);
+  for (int64_t d = 0; d < pb.D; ++d) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < samples; ++j) {
+      acc_t sampled = 0;
+      for (int k = 0; k < 4; ++k) {
+        const scalar_t* p = reinterpret_cast<const scalar_t*>(rows[k * n + j]);
+        sampled += bilinear[k * n + j] * static_cast<acc_t>(p[d]);
+      }
+      acc += static_cast<acc_t>(attn[j]) * sampled;
+    }
+    out[d] = static_cast<scalar_t>(acc);
+  }
+}
+
 template <typename scalar_t, bool kLanes>
 void forward_queries(const ForwardArgs<scalar_t>& a, const Scratch& s, int64_t begin,
                      int64_t end) {
@@ -411,12 +460,18 @@ void forward_queries(const ForwardArgs<scalar_t>& a, const Scratch& s, int64_t b
     const scalar_t* value_n = a.value + (nq / pb.Lq) * pb.S * row;
     for (int64_t m = 0; m < pb.M; ++m) {
       const int64_t i0 = (nq * pb.M + m) * samples;
+      scalar_t* out = a.out + nq * row + m * pb.D;
+      if (any_nonfinite(a.attn + i0, samples)) {
+        gather_nonfinite_weights<scalar_t, kLanes>(pb, s, a.loc + 2 * i0, a.attn + i0,
+                                                   value_n + m * pb.D, out);
+        continue;
+      }
       if constexpr (kLanes && kLaneGeometry) {
         locate_lanes(std::false_type{}, pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
       } else {
         locate_scalar<false>(pb, s, a.loc + 2 * i0, a.attn + i0, value_n + m * pb.D);
       }
-      gather(pb, s, a.out + nq * row + m * pb.D);
+      gather(pb, s, out);
     }
   }
 }

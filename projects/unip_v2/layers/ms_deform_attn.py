@@ -14,12 +14,14 @@ output[n, q, m*D:(m+1)*D] = sum_{l,p} attention_weights[n,q,m,l,p] *
 where bilinear reads pixel (x * W_l - 0.5, y * H_l - 0.5) with zeros outside the map, exactly
 `F.grid_sample(align_corners=False, padding_mode="zeros")` at `2 * loc - 1`. Locations that
 fall wholly outside a map, and NaN or infinite locations, sample zeros and get zero gradient.
+A level with H or W = 0 holds no positions: every location on it samples zero. Each term is
+weight * sample in IEEE arithmetic, on every backend: an infinite weight gives +-inf on a
+non-zero sample and NaN on a zero one (outside the map), a NaN weight gives NaN.
 """
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .ms_deform_attn_backend import compiled_ops, resolve_backend
 
@@ -129,9 +131,15 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (N*M, Lq, L, P)
     out = value.new_zeros(N * M, D, Lq)
     for lvl, (h, w) in enumerate(level_sizes):
-        v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
-        sampled = F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (N*M, D, Lq, P)
+        if h * w == 0 or N * M * D * Lq * P == 0:
+            # A level without positions: every location is outside it and samples zero, as
+            # the compiled kernels do (grid_sample rejects an empty map). Still weight * 0, so
+            # that an inf / NaN weight gives NaN like any other zero sample.
+            sampled = value.new_zeros(N * M, D, Lq, P)
+        else:
+            v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
+            sampled = F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (N*M, D, Lq, P)
         out = out + torch.einsum("bdqp,bqp->bdq", sampled, weights[:, :, lvl])
     return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
 
@@ -149,14 +157,39 @@ class _CompiledMSDeformAttn(torch.autograd.Function):
                                           sampling_locations, attention_weights)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
             ctx.saved_tensors)
-        grad_value, grad_locations, grad_weights = compiled_ops().ms_deform_attn_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            grad_output.contiguous())
+        grad_value, grad_locations, grad_weights = _CompiledMSDeformAttnBackward.apply(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index,
+            sampling_locations, attention_weights)
         return grad_value, None, None, grad_locations, grad_weights
+
+
+class _CompiledMSDeformAttnBackward(torch.autograd.Function):
+    """The compiled backward as a graph node of its own, whose backward raises.
+
+    The kernels have no second derivative. `once_differentiable` is not enough: it hangs its
+    error node on detached copies of the gradients, so a double backward that asks for the
+    gradient of a first-order gradient with respect to value, locations or weights finds no
+    path to them and gets "not used in the graph", or, with allow_unused / another path to the
+    same input, a silent zero for this op's share. This node keeps value, locations, weights
+    and grad_output as its inputs, so any such path reaches it and raises.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights):
+        return tuple(compiled_ops().ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "ms_deform_attn: the compiled backends ('cpu', 'cuda') are differentiable once; "
+            "double backward (a gradient of a gradient through this op) needs "
+            "backend='reference' (MODEL.MS_DEFORM_ATTN.BACKEND or $UNIP_V2_MSDA_BACKEND)")
 
 
 def ms_deform_attn(

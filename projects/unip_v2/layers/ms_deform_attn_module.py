@@ -31,6 +31,10 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
                  n_points: int = 4, backend: str = "auto"):
         super().__init__()
+        for name, size in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads),
+                           ("n_points", n_points)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ValueError(f"MSDeformAttn: {name} must be a positive int, got {size!r}")
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by "
                              f"n_heads={n_heads}")
@@ -86,6 +90,9 @@ class MSDeformAttn(nn.Module):
         Returns:
             (N, Lq, C).
         """
+        if query.dim() != 3:
+            raise ValueError(f"MSDeformAttn: query must be (N, Lq, C={self.d_model}), got shape "
+                             f"{tuple(query.shape)}")
         N, Lq, C = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         if C != self.d_model:
