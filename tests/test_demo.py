@@ -385,7 +385,7 @@ def test_demo_refuses_category_names_too_long_to_encode(run_demo, toy, val_image
     status, log = run_demo([tmp_path / "x.png"], out, "--vocabulary",
                            f"red square, {long_name}")
     assert status == 2, log
-    assert f"category names longer than the text encoder's limit of 16 tokens" in log
+    assert "category names longer than the text encoder's limit of 16 tokens" in log
     assert f"{long_name!r} ({tokens} tokens)" in log and "'red square' (" not in log
     assert not out.exists()
     with pytest.raises(ValueError, match=r"\(%d tokens\)" % tokens):
