@@ -1,6 +1,8 @@
-"""tools/demo.py (arguments, inputs good and bad, video, vocabulary), the Predictor and
-draw_predictions, and the main job (tools/main_job.py) on a tiny dataset."""
+"""tools/demo.py (arguments, inputs good and bad, video, vocabulary, output names, failed
+writes, exit status), the Predictor and draw_predictions, and the main job
+(tools/main_job.py) on a tiny dataset."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import ensure_toy_shapes, toy_shapes_files
 from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
 from unip_v2.engine import Predictor, parse_vocabulary
+from unip_v2.engine.demo import expand_inputs, plan_outputs
+from unip_v2.modeling.text_encoder import build_tokenizer
 from unip_v2.utils.visualization import draw_predictions, instances_to_draw
 
 from tools_loader import load_tool
@@ -83,10 +87,40 @@ def test_input_expansion(tmp_path):
     for name in ("b.png", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    files, unmatched = demo.expand_inputs([str(tmp_path), str(tmp_path / "*.png"),
-                                           str(tmp_path / "missing*.jpg")])
+    files, unmatched = expand_inputs([str(tmp_path), str(tmp_path / "*.png"),
+                                      str(tmp_path / "." / "a.png"),
+                                      str(tmp_path / "missing*.jpg")])
     assert files == [str(tmp_path / n) for n in ("a.png", "b.png", "notes.txt")]  # once each
     assert unmatched == [str(tmp_path / "missing*.jpg")]
+
+
+def test_output_names_mirror_the_inputs_under_their_common_folder(tmp_path):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    files = [str(src / "a" / "x.png"), str(src / "b" / "x.png"), str(src / "b" / "c" / "v.avi")]
+    assert plan_outputs(files, out) == [os.path.join(out, "a", "x.png"),
+                                        os.path.join(out, "b", "x.png"),
+                                        os.path.join(out, "b", "c", "v.mp4")]
+    # one folder: flat, as before; relative spellings resolve like absolute ones
+    assert plan_outputs([str(src / "x.jpg"), str(src / "y.png")], out) == [
+        os.path.join(out, "x.png"), os.path.join(out, "y.png")]
+    assert plan_outputs([os.path.relpath(files[0])], out) == [os.path.join(out, "x.png")]
+    # x.png and x.jpg of one folder would both become x.png: refused
+    with pytest.raises(ValueError, match=r"src/x.png and .*src/x.jpg would both be drawn to "
+                                         r".*out/x.png"):
+        plan_outputs([str(src / "x.png"), str(src / "x.jpg")], out)
+
+
+def test_outputs_never_overwrite_inputs(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.png").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(images, target_is_directory=True)
+    for out in (images, tmp_path / "link", tmp_path / "." / "images"):
+        with pytest.raises(ValueError, match=r"the drawing of .*images/x.png would overwrite "
+                                             r"the input .*images/x.png"):
+            plan_outputs([str(images / "x.png")], str(out))
+    # x.jpg is drawn to x.png: writing next to it overwrites nothing
+    assert plan_outputs([str(images / "x.jpg")], str(images)) == [str(images / "x.png")]
 
 
 # ------------------------------------------------------------------- predictor and drawing
@@ -147,6 +181,57 @@ def test_draw_predictions_keeps_confident_instances_and_checks_sizes():
 
 
 # -------------------------------------------------------------------- the demo end to end
+def _write_video(path, image, frames=3):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5,
+                             (image.shape[1], image.shape[0]))
+    for _ in range(frames):
+        writer.write(image)
+    writer.release()
+
+
+@pytest.fixture
+def val_images(toy):
+    """The two toy val images, BGR."""
+    val = toy_shapes_files(toy[1], "val")["image_root"]
+    return [cv2.imread(os.path.join(val, f"00000{i}.png")) for i in range(2)]
+
+
+@pytest.fixture
+def run_demo(toy, monkeypatch):
+    """run_demo(inputs, output, *more_argv) -> (exit status, log text): tools/demo.py's main
+    in-process, on the untrained toy model at 128 pixels, drawing no predictions (to be
+    quick; the drawing itself is tested above)."""
+    datasets, _, tokenizer = toy
+    monkeypatch.setenv("DETECTRON2_DATASETS", datasets)
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    def run(inputs, output, *more):
+        handler = Collect()
+        logging.getLogger("unip_v2").addHandler(handler)
+        try:
+            status = demo.main(["--config-file", CONFIG, "--input", *map(str, inputs),
+                                "--output", str(output), "--confidence-threshold", "1.0",
+                                *more, "--opts", "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer,
+                                *SMALL])
+        finally:
+            logging.getLogger("unip_v2").removeHandler(handler)
+        return status, "\n".join(handler.lines)
+    return run
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
 def test_demo_draws_good_inputs_and_skips_bad_ones(toy, tmp_path):
     datasets, root, tokenizer = toy
     inputs = tmp_path / "inputs"
@@ -159,11 +244,7 @@ def test_demo_draws_good_inputs_and_skips_bad_ones(toy, tmp_path):
     jpeg = cv2.imencode(".jpg", image)[1].tobytes()
     (inputs / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     video = str(tmp_path / "clip.mp4")
-    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5,
-                             (image.shape[1], image.shape[0]))
-    for _ in range(3):
-        writer.write(image)
-    writer.release()
+    _write_video(video, image)
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--config-file", CONFIG,
            "--input", str(inputs), video, str(tmp_path / "nothing*.png"), "--output", str(out),
@@ -172,16 +253,19 @@ def test_demo_draws_good_inputs_and_skips_bad_ones(toy, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=datasets)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert sorted(os.listdir(out)) == ["clip.mp4", "good.png", "good2.png"]
-    drawn = cv2.imread(str(out / "good.png"))
+    # drawn what could be, but not everything: exit status 1
+    assert proc.returncode == 1, log[-3000:]
+    # named after their paths under tmp_path, the inputs' common folder
+    assert sorted(_tree(out)) == ["clip.mp4", os.path.join("inputs", "good.png"),
+                                  os.path.join("inputs", "good2.png")]
+    drawn = cv2.imread(str(out / "inputs" / "good.png"))
     assert min(drawn.shape[:2]) == 512 and drawn.shape[2] == 3     # enlarged for reading
     frames = cv2.VideoCapture(str(out / "clip.mp4"))
     assert int(frames.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     assert f"skipping {inputs / 'readme.txt'}: not a readable image" in log
     assert f"skipping {inputs / 'truncated.jpg'}: not a readable image" in log
-    assert "wrote 3 file(s)" in log and "skipped 2 unreadable input(s)" in log
-    assert "1 pattern(s) matched nothing" in log
+    assert "3 drawn, 2 unreadable skipped, 0 failed writes" in log
+    assert "1 --input pattern(s) matched nothing" in log
     assert "vocabulary (2): red square, blue circle" in log
 
     # nothing readable at all: exit status 1
@@ -189,7 +273,125 @@ def test_demo_draws_good_inputs_and_skips_bad_ones(toy, tmp_path):
         cmd[cmd.index("--output"):]
     proc = subprocess.run(cmd_bad, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1 and "wrote 0 file(s)" in proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "0 drawn, 1 unreadable skipped, 0 failed writes" in proc.stdout + proc.stderr
+
+
+def test_demo_exit_status_is_documented(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 every input read, drawn and written; 1 some input unreadable" \
+        in help_text and "2 refused before drawing" in help_text
+    assert "Exit status: 0 when every input was read, drawn and written" in demo.__doc__
+
+
+def test_demo_draws_same_named_inputs_to_separate_outputs(run_demo, val_images, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for folder, image in zip("ab", val_images):
+        (src / folder).mkdir(parents=True)
+        cv2.imwrite(str(src / folder / "x.png"), image)
+    status, log = run_demo([src / "a" / "x.png", src / "b"], out)
+    assert status == 0, log
+    assert sorted(_tree(out)) == [os.path.join("a", "x.png"), os.path.join("b", "x.png")]
+    # two different pictures, so two different drawings
+    assert _tree(out)[os.path.join("a", "x.png")] != _tree(out)[os.path.join("b", "x.png")]
+    assert "2 drawn, 0 unreadable skipped, 0 failed writes" in log
+
+
+def test_demo_never_writes_over_its_inputs(run_demo, val_images, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(val_images):
+        cv2.imwrite(str(images / f"{i}.png"), image)
+    _write_video(images / "clip.mp4", val_images[0], frames=2)
+    before = _tree(images)
+    (tmp_path / "link").symlink_to(images, target_is_directory=True)
+    for out in (images, tmp_path / "link"):
+        status, log = run_demo([images], out)
+        assert status == 2
+        assert f"the drawing of {images / '0.png'} would overwrite the input" in log
+        assert f"the drawing of {images / 'clip.mp4'} would overwrite the input" in log
+        assert _tree(images) == before                       # nothing written, nothing lost
+    # two inputs that would share an output: refused, nothing written
+    other = tmp_path / "other"
+    other.mkdir()
+    cv2.imwrite(str(other / "0.png"), val_images[0])
+    cv2.imwrite(str(other / "0.jpg"), val_images[1])
+    status, log = run_demo([other], tmp_path / "out")
+    assert status == 2
+    assert f"{other / '0.jpg'} and {other / '0.png'} would both be drawn to" in log
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_counts_a_video_it_cannot_write(run_demo, val_images, tmp_path):
+    _write_video(tmp_path / "clip.mp4", val_images[0], frames=2)
+    out = tmp_path / "out"
+    # a folder where the video should go: no writer can open it, not even root's
+    (out / "clip.mp4").mkdir(parents=True)
+    status, log = run_demo([tmp_path / "clip.mp4"], out)
+    assert status == 1, log
+    assert f"could not write the drawing of {tmp_path / 'clip.mp4'}" in log
+    assert "cv2.VideoWriter could not open" in log
+    assert "0 drawn, 0 unreadable skipped, 1 failed writes" in log
+    assert os.listdir(out / "clip.mp4") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway; "
+                    "test_demo_counts_a_video_it_cannot_write fails the write another way")
+def test_demo_counts_writes_into_a_read_only_folder(run_demo, val_images, tmp_path):
+    _write_video(tmp_path / "clip.mp4", val_images[0], frames=2)
+    cv2.imwrite(str(tmp_path / "x.png"), val_images[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        status, log = run_demo([tmp_path / "clip.mp4", tmp_path / "x.png"], out)
+    finally:
+        out.chmod(0o755)
+    assert status == 1, log
+    assert "0 drawn, 0 unreadable skipped, 2 failed writes" in log
+    assert os.listdir(out) == []
+
+
+def test_demo_goes_on_after_a_failed_write(run_demo, val_images, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    cv2.imwrite(str(src / "x.png"), val_images[0])
+    cv2.imwrite(str(src / "y.png"), val_images[1])
+    _write_video(src / "sub" / "clip.mp4", val_images[1], frames=1)
+    # what is in the way fails even for root: a folder where x.png should go (cv2.imwrite
+    # returns False), a regular file where the folder of sub/clip.mp4 should go
+    (out / "x.png").mkdir(parents=True)
+    (out / "sub").write_text("in the way\n")
+    status, log = run_demo([src / "x.png", src / "sub" / "clip.mp4", src / "y.png"], out)
+    assert status == 1, log
+    assert f"could not write the drawing of {src / 'x.png'}: cv2.imwrite could not write" in log
+    assert f"could not write the drawing of {src / 'sub' / 'clip.mp4'}: cannot create the " \
+        f"folder of {out / 'sub' / 'clip.mp4'}" in log
+    assert sorted(_tree(out)) == ["sub", "y.png"]
+    assert min(cv2.imread(str(out / "y.png")).shape[:2]) == 512    # a drawing, enlarged
+    assert (f"1 drawn, 0 unreadable skipped, 2 failed writes; not written: {src / 'x.png'}, "
+            f"{src / 'sub' / 'clip.mp4'}") in log
+
+
+def test_demo_refuses_category_names_too_long_to_encode(run_demo, toy, val_images, tmp_path):
+    tokenizer = build_tokenizer(toy[2])
+    long_name = "red square with a thin blue border and a small green dot in its middle"
+    tokens = len(tokenizer(long_name)["input_ids"])       # the tokenizer's own count
+    assert tokens > 16                                     # CONTEXT_LENGTH of the toy config
+    cv2.imwrite(str(tmp_path / "x.png"), val_images[0])
+    out = tmp_path / "out"
+    status, log = run_demo([tmp_path / "x.png"], out, "--vocabulary",
+                           f"red square, {long_name}")
+    assert status == 2, log
+    assert "category names longer than the text encoder's limit of 16 tokens" in log
+    assert f"{long_name!r} ({tokens} tokens)" in log and "'red square' (" not in log
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"\(%d tokens\)" % tokens):
+        Predictor(_cfg(toy[2]), vocabulary=["red square", long_name])
+    with pytest.raises(ValueError, match=r"\(%d tokens\)" % tokens):
+        Predictor(_cfg(toy[2], "MODEL.DETECTION.TEST_CLASS_NAMES", ["red square", long_name]))
 
 
 # ----------------------------------------------------------------------------- main job

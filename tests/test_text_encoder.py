@@ -110,7 +110,7 @@ def test_missing_tokenizer_files(tok_dir, tmp_path):
 def test_shapes_padding_mask_and_truncation(encoder, tokenizer):
     long_text = " ".join(CAPTIONS)
     texts = ["red circle", long_text]
-    ids, mask = encoder.tokenize(texts)
+    ids, mask = encoder.tokenize(texts, truncate=True)
     assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
     assert ids.shape == (2, 16)  # the long text is cut at CONTEXT_LENGTH
     assert ids[1, 0] == 0 and ids[1, -1] == 2 and mask[1].all()  # </s> kept
@@ -122,9 +122,36 @@ def test_shapes_padding_mask_and_truncation(encoder, tokenizer):
     assert isinstance(encoder.proj, nn.Linear)
 
 
+def test_too_long_texts_raise_unless_truncation_is_asked_for(encoder, tokenizer):
+    # Two names that differ only after the 16th token: cut, they would be one name.
+    first = "a red circle and two blue squares on a striped background, then "
+    names = [first + "a yellow star", first + "a white ellipse"]
+    counts = [len(tokenizer(n)["input_ids"]) for n in names]   # the tokenizer's own count
+    assert min(counts) > 16
+    cut = encoder.tokenize(names, truncate=True)[0]
+    assert torch.equal(cut[0], cut[1])                      # why cutting names is wrong
+    for call in (encoder.tokenize, encoder.encode):
+        with pytest.raises(ValueError) as error:
+            call(["red circle"] + names)
+        message = str(error.value)
+        for name, n in zip(names, counts):
+            assert f"{name!r} ({n} tokens)" in message
+        assert "limit of 16 tokens" in message and "'red circle'" not in message
+    with pytest.raises(ValueError, match=r"category names longer than .* limit of 16"):
+        encoder.check_lengths(["red circle", names[0]], what="category name")
+    encoder.check_lengths(["red circle"])
+    # exactly CONTEXT_LENGTH tokens is allowed, one more is not ("~" is not in the corpus,
+    # so no merge joins two of them: one token each)
+    fits, over = "~" * 14, "~" * 15
+    assert [len(tokenizer(t)["input_ids"]) for t in (fits, over)] == [16, 17]
+    assert encoder.tokenize([fits])[0].shape == (1, 16)
+    with pytest.raises(ValueError, match=r"'~{15}' \(17 tokens\)"):
+        encoder.tokenize([fits, over])
+
+
 def test_padding_does_not_change_other_outputs(encoder):
     alone, pad_alone = encoder.encode(["red circle"])
-    batched, pad_b = encoder.encode(["red circle", CAPTIONS[1]])
+    batched, pad_b = encoder.encode(["red circle", CAPTIONS[1]], truncate=True)
     n = alone.shape[1]
     assert not pad_alone.any() and pad_b[0, n:].all()
     torch.testing.assert_close(batched[0, :n], alone[0], atol=1e-5, rtol=1e-5)

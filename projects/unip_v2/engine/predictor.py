@@ -29,18 +29,30 @@ class Predictor(DefaultPredictor):
     """Builds the model from cfg, loads MODEL.WEIGHTS, and maps one BGR HWC uint8 image to
     the model's output at the image's own size (resize by INPUT.MIN/MAX_SIZE_TEST, as in
     evaluation). ``vocabulary`` replaces the category names of a UniPerceiverV2 without
-    retraining: its TargetBank encodes them once, on the first image."""
+    retraining: its TargetBank encodes them once, on the first image. A name longer than the
+    text encoder's limit raises a ValueError here, not at the first image."""
 
     def __init__(self, cfg, vocabulary: Optional[Sequence[str]] = None):
         super().__init__(cfg)
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
+        else:
+            self._check_name_lengths(self.class_names)
 
     def set_vocabulary(self, names: Sequence[str]) -> None:
         if not hasattr(self.model, "set_test_class_names"):
             raise ValueError(f"{type(self.model).__name__} has no vocabulary to replace (it "
                              f"predicts no named categories)")
-        self.model.set_test_class_names(list(names))
+        names = check_class_names(names)
+        self._check_name_lengths(names)
+        self.model.set_test_class_names(names)
+
+    def _check_name_lengths(self, names: Sequence[str]) -> None:
+        # The text encoder would raise at the first image anyway; checking here fails
+        # before any input is read.
+        encoder = getattr(self.model, "text_encoder", None)
+        if encoder is not None and names:
+            encoder.check_lengths(names, what="category name")
 
     @property
     def class_names(self) -> List[str]:

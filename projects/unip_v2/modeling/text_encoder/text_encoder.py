@@ -4,7 +4,9 @@ to the unified decoder's width.
     texts --tokenize--> input_ids (B, L), attention_mask (B, L)
           --RoBERTa--> (B, L, H) --Linear or identity--> (B, L, D_out)
 
-L <= CONTEXT_LENGTH counts <s> and </s>; longer texts are truncated (their </s> is kept).
+L <= CONTEXT_LENGTH counts <s> and </s>. A longer text is an error unless truncation is asked
+for (``truncate=True``, e.g. for captions, which then keep their </s>): category names are
+never cut, since two long names cut alike would share one class embedding.
 """
 from typing import Sequence, Tuple
 
@@ -111,19 +113,47 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], truncate: bool = False
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Texts -> ``(input_ids (B, L) int64, attention_mask (B, L) int64)`` on the module's
-        device, right-padded to the longest text, L <= context_length."""
+        device, right-padded to the longest text, L <= context_length.
+
+        A text of more than context_length tokens (<s> and </s> included) raises a
+        ValueError naming it and its token count, unless ``truncate``: then it is cut to
+        context_length tokens, its </s> kept."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
         if len(texts) == 0 or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a non-empty list of strings, got "
                              f"{len(texts)} items of types {sorted({type(t).__name__ for t in texts})}")
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
-                             max_length=self.context_length, return_tensors="pt")
+        if truncate:
+            enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                                 max_length=self.context_length, return_tensors="pt")
+        else:
+            enc = self.tokenizer(list(texts), padding="longest", truncation=False,
+                                 return_tensors="pt")
+            self._check_lengths(texts, enc["attention_mask"].sum(1).tolist())
         device = self.device
         return (enc["input_ids"].to(device=device, dtype=torch.long),
                 enc["attention_mask"].to(device=device, dtype=torch.long))
+
+    def check_lengths(self, texts: Sequence[str], what: str = "text") -> None:
+        """Raise a ValueError naming every text of more than context_length tokens (<s> and
+        </s> included), e.g. before a long run, so that it fails at once; ``what`` names
+        the texts in the message ("category name", ...)."""
+        lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        self._check_lengths(texts, lengths, what)
+
+    def _check_lengths(self, texts: Sequence[str], lengths: Sequence[int],
+                       what: str = "text") -> None:
+        too_long = [f"{t!r} ({n} tokens)" for t, n in zip(texts, lengths)
+                    if n > self.context_length]
+        if too_long:
+            raise ValueError(
+                f"{what}s longer than the text encoder's limit of {self.context_length} "
+                f"tokens (MODEL.TEXT_ENCODER.CONTEXT_LENGTH, <s> and </s> included): "
+                f"{', '.join(too_long)}. Shorten them: they are not cut, since names cut "
+                f"alike would get one embedding")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +180,8 @@ class TextEncoder(nn.Module):
                               attention_mask=attention_mask).last_hidden_state
         return self.proj(hidden), attention_mask == 0
 
-    def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``forward(*tokenize(texts))``: texts -> (features (B, L, D_out), padding_mask (B, L))."""
-        return self(*self.tokenize(texts))
+    def encode(self, texts: Sequence[str], truncate: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward(*tokenize(texts, truncate))``: texts -> (features (B, L, D_out),
+        padding_mask (B, L)); too long texts raise unless ``truncate`` (see tokenize)."""
+        return self(*self.tokenize(texts, truncate))
