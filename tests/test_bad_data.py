@@ -297,13 +297,17 @@ def test_evaluator_counts_a_skipped_image_as_no_detections(tmp_path, register, c
 
 
 # --------------------------------------------- 4. invalid ground-truth polygons
-def test_evaluator_sanitises_invalid_gt_polygons(tmp_path, register, caplog):
-    """pycocotools crashed on [[]] and read [[x0, y0, x1, y1], polygon] as boxes."""
+@pytest.mark.parametrize("bad", [[[]], [], "missing"])
+def test_evaluator_sanitises_invalid_gt_polygons(tmp_path, register, caplog, bad):
+    """pycocotools crashed on [[]], [] or no segmentation, and read [[x0, y0, x1, y1],
+    polygon] as boxes."""
     rect_b = _rect_polygon(40, 4, 60, 28)
     images = [{"id": 1, "file_name": "a.png", "width": W, "height": H}]
     anns = [_ann(1, 1, [_rect_polygon(8, 4, 24, 12)], [8, 4, 16, 8]),
-            _ann(2, 1, [[]], [30, 14, 6, 6]),            # no valid polygon: bbox only
+            _ann(2, 1, bad, [30, 14, 6, 6]),             # no valid polygon: bbox only
             _ann(3, 1, [[1, 2, 3, 4], rect_b], [40, 4, 20, 24])]
+    if bad == "missing":
+        del anns[1]["segmentation"]
     name = register(images, anns)
     for agnostic in (False, True):
         cfg = _cfg("MODEL.META_ARCHITECTURE",
@@ -315,7 +319,7 @@ def test_evaluator_sanitises_invalid_gt_polygons(tmp_path, register, caplog):
             inst = _perfect(H, W, [_rect_polygon(8, 4, 24, 12), rect_b])
             evaluator.process([{"image_id": 1}], [{"instances": inst}])
             results = evaluator.evaluate()
-        assert evaluator.num_segm_polygons_dropped == 2  # [] and [1, 2, 3, 4]
+        assert evaluator.num_segm_polygons_dropped == (2 if bad == [[]] else 1)
         assert evaluator.num_segm_annotations_excluded == 1
         assert "excluded from segm" in _messages(caplog)
         # bbox: annotation 2 stays a (missed) object; segm: it is excluded.
