@@ -258,11 +258,14 @@ def test_registry_and_bad_input(dataset):
 
     mapper = COCOInstanceLSJDatasetMapper(_cfg())
     d = dict(dataset["dicts"]["objects.png"])
-    d["annotations"] = [{"category_id": 0, "iscrowd": 0, "bbox": [0, 0, 5, 5]}]
-    with pytest.raises(ValueError, match="segmentation"):
-        mapper(d)
-    d["annotations"] = [{"category_id": 0, "iscrowd": 0, "segmentation": [[1, 2, 3, 4, 5]]}]
-    with pytest.raises(ValueError, match="even"):
+    # No mask to derive a box from: the instance is dropped and counted, the image kept
+    # (tests/test_bad_data.py covers the invalid segmentations in detail).
+    d["annotations"] = [{"category_id": 0, "iscrowd": 0, "bbox": [0, 0, 5, 5]},
+                        {"category_id": 0, "iscrowd": 0, "segmentation": [[1, 2, 3, 4, 5]]}]
+    assert len(mapper(d)["instances"]) == 0
+    assert mapper.num_dropped_instances == 2 and mapper.num_dropped_polygons == 1
+    d["annotations"] = [{"iscrowd": 0, "segmentation": [_rect(1, 1, 9, 9)]}]
+    with pytest.raises(ValueError, match="category_id"):
         mapper(d)
     del d["annotations"]
     with pytest.raises(ValueError, match="annotations"):

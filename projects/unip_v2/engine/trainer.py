@@ -16,13 +16,13 @@ from collections import OrderedDict
 
 import torch
 
-from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
 
 from ..data.build import build_train_loader
 from ..data.dataset_mappers import build_dataset_mapper
-from ..evaluation import ClassAgnosticCOCOEvaluator
+from ..data.datasets import thing_classes
+from ..data.test_loader import build_test_loader
+from ..evaluation import CheckedCOCOEvaluator, ClassAgnosticCOCOEvaluator
 from ..solver import build_optimizer
 from ..utils.rng import fork_rng, get_rng_state, set_rng_state
 from .checkpointer import Checkpointer
@@ -85,17 +85,23 @@ class Trainer(DefaultTrainer):
         return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True))
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """The INPUT.DATASET_MAPPER_NAME mapper in test mode; images it cannot use are left
+        out, warned and counted (unip_v2.data.test_loader), not replaced by others."""
+        return build_test_loader(dataset_name, build_dataset_mapper(cfg, is_train=False),
+                                 num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         tasks = ("bbox", "segm")
         if cfg.MODEL.META_ARCHITECTURE in CLASS_AGNOSTIC_ARCHS:
             return ClassAgnosticCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
-        # detectron2 0.6's C++ COCOeval lives in detectron2._C, absent in the wheel-less
-        # install: use pycocotools' evaluation.
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                             use_fast_impl=False,
-                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        # COCOEvaluator on pycocotools' COCOeval (detectron2 0.6's C++ one lives in
+        # detectron2._C, absent in the wheel-less install), with checked segm ground truth.
+        return CheckedCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -122,7 +128,7 @@ class Trainer(DefaultTrainer):
                              f"datasets in DATASETS.TEST")
         results = OrderedDict()
         for i, name in enumerate(cfg.DATASETS.TEST):
-            core.set_test_class_names(MetadataCatalog.get(name).thing_classes)
+            core.set_test_class_names(thing_classes(name))
             one = cfg.clone()
             one.defrost()
             one.DATASETS.TEST = (name,)

@@ -1,4 +1,10 @@
 """Evaluators."""
+from .checked_coco import CheckedCOCOEvaluator, segm_ground_truth
 from .class_agnostic_coco import ClassAgnosticCOCOEvaluator, make_class_agnostic_coco
 
-__all__ = ["ClassAgnosticCOCOEvaluator", "make_class_agnostic_coco"]
+__all__ = [
+    "CheckedCOCOEvaluator",
+    "ClassAgnosticCOCOEvaluator",
+    "make_class_agnostic_coco",
+    "segm_ground_truth",
+]

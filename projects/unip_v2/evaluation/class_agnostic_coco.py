@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
 from detectron2.utils.file_io import PathManager
+
+from .checked_coco import CheckedCOCOEvaluator
 
 __all__ = ["AGNOSTIC_CATEGORY_ID", "ClassAgnosticCOCOEvaluator", "make_class_agnostic_coco"]
 
@@ -49,8 +50,9 @@ def make_class_agnostic_coco(coco_api: COCO) -> COCO:
     return agnostic
 
 
-class ClassAgnosticCOCOEvaluator(COCOEvaluator):
-    """detectron2's :class:`COCOEvaluator` with all classes merged into one.
+class ClassAgnosticCOCOEvaluator(CheckedCOCOEvaluator):
+    """detectron2's :class:`COCOEvaluator` with all classes merged into one (on the checked
+    ground truth of :class:`CheckedCOCOEvaluator`; images without predictions are misses).
 
     Input per image (``process``): the model input dict (needs ``image_id``) and an output
     dict ``{"instances": Instances}`` with ``pred_boxes`` (XYXY absolute, original image
@@ -106,10 +108,12 @@ class ClassAgnosticCOCOEvaluator(COCOEvaluator):
             distributed=distributed,
             output_dir=output_dir,
             max_dets_per_image=max_dets_per_image,
-            use_fast_impl=False,
         )
         if self._do_evaluation:
+            segm_is_bbox_gt = self._segm_coco_api is self._coco_api
             self._coco_api = make_class_agnostic_coco(self._coco_api)
+            self._segm_coco_api = (self._coco_api if segm_is_bbox_gt
+                                   else make_class_agnostic_coco(self._segm_coco_api))
 
     def _eval_predictions(self, predictions: List[Dict[str, Any]], img_ids=None) -> None:
         """Fill ``self._results[task]`` for each task (replaces detectron2's version, whose
@@ -154,14 +158,15 @@ class ClassAgnosticCOCOEvaluator(COCOEvaluator):
             # Without "bbox", loadRes takes a result's area from its mask, so the small /
             # medium / large split uses mask area (as detectron2 does).
             coco_results = [{k: v for k, v in r.items() if k != "bbox"} for r in coco_results]
+        coco_gt = self._ground_truth(task)
         if coco_results:
-            coco_dt = self._coco_api.loadRes(coco_results)
+            coco_dt = coco_gt.loadRes(coco_results)
         else:
             # loadRes cannot take an empty list; an empty result set makes every GT a miss.
             coco_dt = COCO()
             coco_dt.dataset = {
-                "images": list(self._coco_api.dataset["images"]),
-                "categories": list(self._coco_api.dataset["categories"]),
+                "images": list(coco_gt.dataset["images"]),
+                "categories": list(coco_gt.dataset["categories"]),
                 "annotations": [],
             }
             with contextlib.redirect_stdout(io.StringIO()):
@@ -170,7 +175,7 @@ class ClassAgnosticCOCOEvaluator(COCOEvaluator):
         # COCOeval.summarize reads AP at exactly 100 detections; detectron2's variant reads
         # it at maxDets[2], needed when max_dets_per_image is not 100.
         eval_cls = COCOeval if self._max_dets_per_image[2] == 100 else COCOevalMaxDets
-        coco_eval = eval_cls(self._coco_api, coco_dt, task)
+        coco_eval = eval_cls(coco_gt, coco_dt, task)
         coco_eval.params.maxDets = list(self._max_dets_per_image)
         if img_ids is not None:
             coco_eval.params.imgIds = list(img_ids)

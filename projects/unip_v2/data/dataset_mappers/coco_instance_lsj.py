@@ -27,6 +27,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
 from ..image_io import try_read_image
+from ..segmentation import check_segmentation
 
 __all__ = ["COCOInstanceLSJDatasetMapper", "build_lsj_augmentations"]
 
@@ -102,8 +103,14 @@ class COCOInstanceLSJDatasetMapper:
       zero in the padding). Crowd annotations and objects cut away by the crop are dropped;
       N may be 0.
 
-    Returns None, logs a warning and increments :attr:`num_skipped` when the image file
-    cannot be read; detectron2's ``MapDataset`` then tries another index. The counter is per
+    Returns None, logs a warning and increments :attr:`num_skipped` when the image cannot be
+    used: unreadable, of an unsupported pixel mode, or of a size that matches the dict's
+    height/width in neither EXIF orientation (see :func:`try_read_image`). The train loader
+    then tries another index; the test loader (:func:`build_test_loader`) leaves the image
+    out. An annotation whose segmentation is missing, empty or has no valid polygon / RLE
+    left (:func:`check_segmentation`) is dropped with a warning and counted in
+    :attr:`num_dropped_instances`; invalid polygons next to valid ones are left out and
+    counted in :attr:`num_dropped_polygons`; the image is still used. Counters are per
     mapper object, i.e. per data-loader worker process.
     """
 
@@ -119,6 +126,8 @@ class COCOInstanceLSJDatasetMapper:
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
         self.num_skipped = 0
+        self.num_dropped_polygons = 0
+        self.num_dropped_instances = 0
         mode = "training" if is_train else "inference"
         logger.info(f"[COCOInstanceLSJDatasetMapper] {mode} augmentations: {self.augmentations}")
 
@@ -143,7 +152,7 @@ class COCOInstanceLSJDatasetMapper:
         image = self._read_image(dataset_dict)
         if image is None:
             return None
-        # A wrong width/height in the json is a dataset error, not a corrupt file: raise.
+        # Fills in a missing width/height; a recorded one already matches (try_read_image).
         utils.check_image_size(dataset_dict, image)
 
         orig_h, orig_w = image.shape[:2]
@@ -164,15 +173,20 @@ class COCOInstanceLSJDatasetMapper:
         return output
 
     def _read_image(self, dataset_dict: Dict[str, Any]) -> Optional[np.ndarray]:
-        """The image as an HWC uint8 array, or None (warned and counted) if unreadable."""
+        """The image as an HWC uint8 array of the recorded height/width, or None (warned and
+        counted) if it is unreadable, of an unsupported mode or of another size in both EXIF
+        orientations (see :func:`try_read_image`)."""
         file_name = dataset_dict["file_name"]
-        image, error = try_read_image(file_name, format=self.image_format)
+        expected = None
+        if "height" in dataset_dict and "width" in dataset_dict:
+            expected = (dataset_dict["height"], dataset_dict["width"])
+        image, error = try_read_image(file_name, format=self.image_format,
+                                      expected_size=expected)
         if image is None:
             self.num_skipped += 1
             logger.warning(
-                f"Skipping unreadable image {file_name} (image_id "
-                f"{dataset_dict.get('image_id')}): {error}. "
-                f"{self.num_skipped} image(s) skipped so far by this mapper."
+                f"Skipping image {file_name} (image_id {dataset_dict.get('image_id')}): "
+                f"{error}. {self.num_skipped} image(s) skipped so far by this mapper."
             )
         return image
 
@@ -185,18 +199,22 @@ class COCOInstanceLSJDatasetMapper:
         out_size: Tuple[int, int],
         file_name: str,
     ) -> Instances:
-        masks, classes = [], []
+        masks, classes, problems = [], [], []
         for index, ann in enumerate(annotations):
             if ann.get("iscrowd", 0):
                 continue
-            where = f"annotation {index} of {file_name}"
             if "category_id" not in ann:
-                raise ValueError(f"{where} has no 'category_id'")
-            if "segmentation" not in ann:
-                raise ValueError(
-                    f"{where} has no 'segmentation'; this mapper derives boxes from masks"
-                )
-            mask = _transformed_mask(ann["segmentation"], transforms, orig_size, out_size, where)
+                raise ValueError(f"annotation {index} of {file_name} has no 'category_id'")
+            segmentation, dropped, reasons = check_segmentation(ann.get("segmentation"),
+                                                                orig_size)
+            self.num_dropped_polygons += dropped
+            self.num_dropped_instances += segmentation is None
+            if reasons:
+                fate = "instance dropped" if segmentation is None else "instance kept"
+                problems.append(f"annotation {index} ({fate}): {'; '.join(reasons)}")
+            if segmentation is None:
+                continue
+            mask = _transformed_mask(segmentation, transforms, orig_size, out_size)
             # Polygons reaching outside the original image would rasterise into the pad.
             mask[valid_size[0]:, :] = 0
             mask[:, valid_size[1]:] = 0
@@ -204,6 +222,13 @@ class COCOInstanceLSJDatasetMapper:
                 continue  # cut away by the crop (or degenerate)
             masks.append(mask)
             classes.append(int(ann["category_id"]))
+        if problems:
+            logger.warning(
+                f"Invalid segmentation in {file_name}: " + " | ".join(problems)
+                + f". So far this mapper dropped {self.num_dropped_polygons} polygon(s) and "
+                f"{self.num_dropped_instances} instance(s) with no valid segmentation left "
+                "(an instance without a mask cannot supervise the mask-derived boxes)."
+            )
 
         out_h, out_w = out_size
         instances = Instances((out_h, out_w))
@@ -239,51 +264,24 @@ def _transformed_mask(
     transforms: T.TransformList,
     orig_size: Tuple[int, int],
     out_size: Tuple[int, int],
-    where: str,
 ) -> np.ndarray:
     """Rasterise one annotation's segmentation in output coordinates; uint8 (H_out, W_out).
 
-    Polygons are transformed as points and rasterised at the output size (sharper and
-    cheaper than resizing a mask; pycocotools clips points outside the image). RLE is decoded
-    at the original size and the mask goes through the transforms (nearest-neighbour resize).
+    ``segmentation`` is checked already (:func:`check_segmentation`): valid polygons or a
+    compressed RLE of the original size. Polygons are transformed as points and rasterised
+    at the output size (sharper and cheaper than resizing a mask; pycocotools clips points
+    outside the image). RLE is decoded at the original size and the mask goes through the
+    transforms (nearest-neighbour resize).
     """
-    orig_h, orig_w = orig_size
     if isinstance(segmentation, list):
-        polygons = []
-        for poly in segmentation:
-            coords = np.asarray(poly, dtype=np.float64)
-            if coords.ndim != 1 or coords.size % 2:
-                raise ValueError(
-                    f"{where}: a polygon must be a flat list [x0, y0, x1, y1, ...] of even "
-                    f"length, got shape {coords.shape}"
-                )
-            if coords.size < 6:
-                continue  # fewer than 3 points: no area (and pycocotools reads 4 as a box)
-            points = transforms.apply_coords(coords.reshape(-1, 2).copy())
-            polygons.append(points.reshape(-1).tolist())
+        polygons = [
+            transforms.apply_coords(np.asarray(p, dtype=np.float64).reshape(-1, 2)).reshape(-1)
+            .tolist()
+            for p in segmentation
+        ]
         out_h, out_w = out_size
-        if not polygons:
-            return np.zeros((out_h, out_w), dtype=np.uint8)
         rle = mask_util.merge(mask_util.frPyObjects(polygons, out_h, out_w))
         return np.ascontiguousarray(mask_util.decode(rle))
-
-    if isinstance(segmentation, dict):
-        if "size" not in segmentation or "counts" not in segmentation:
-            raise ValueError(f"{where}: an RLE segmentation needs 'size' and 'counts'")
-        if list(segmentation["size"]) != [orig_h, orig_w]:
-            raise ValueError(
-                f"{where}: RLE size {list(segmentation['size'])} != image size "
-                f"[{orig_h}, {orig_w}]"
-            )
-        rle = segmentation
-        if isinstance(rle["counts"], list):
-            # Uncompressed RLE (COCO crowd style) -> compressed, which decode() needs.
-            rle = mask_util.frPyObjects(rle, orig_h, orig_w)
-        # decode() returns Fortran order; C order keeps the row slicing and stacking cheap.
-        mask = np.ascontiguousarray(mask_util.decode(rle))
-        return np.ascontiguousarray(transforms.apply_segmentation(mask))
-
-    raise ValueError(
-        f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
-        f"got {type(segmentation).__name__}"
-    )
+    # decode() returns Fortran order; C order keeps the row slicing and stacking cheap.
+    mask = np.ascontiguousarray(mask_util.decode(segmentation))
+    return np.ascontiguousarray(transforms.apply_segmentation(mask))

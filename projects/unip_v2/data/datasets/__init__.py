@@ -1,6 +1,7 @@
 """Datasets. Importing this package registers the toy datasets in detectron2's catalogs:
 ``toy_shapes_train``, ``toy_shapes_val`` and ``toy_shapes_novel`` under ``$DETECTRON2_DATASETS/toy_shapes``
 (nothing is generated or read here; see ``tools/make_toy_dataset.py``)."""
+from .metadata import thing_classes
 from .toy_shapes import (
     GENERATOR_VERSION,
     TOY_SHAPES_CATEGORIES,
@@ -29,6 +30,7 @@ __all__ = [
     "load_toy_shapes_json",
     "register_toy_shapes",
     "render_toy_image",
+    "thing_classes",
     "toy_shapes_categories",
     "toy_shapes_files",
     "toy_shapes_root",

@@ -13,9 +13,9 @@ from typing import Dict, List
 import torch
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ...data.datasets.metadata import thing_classes
 from ..target_bank import TargetBank
 from ..tasks import (
     LogitScale,
@@ -57,11 +57,10 @@ class UniPerceiverV2(UniPerceiverV2ProposalNetwork):
             if value != width:
                 raise ValueError(f"{key}={value} must equal MODEL.UNIFIED_DECODER.WIDTH={width}: "
                                  "image and text tokens enter the same decoder")
-        train_names = (MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
-                       if cfg.DATASETS.TRAIN else [])
+        # thing_classes() loads a dataset whose registration left the names unset.
+        train_names = thing_classes(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else []
         test_names = list(cfg.MODEL.DETECTION.TEST_CLASS_NAMES) or (
-            MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes if cfg.DATASETS.TEST
-            else train_names)
+            thing_classes(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else train_names)
         args.update(text_encoder=TextEncoder(cfg), unified_decoder=UnifiedDecoder(cfg),
                     train_class_names=train_names, test_class_names=test_names,
                     class_loss_weight=cfg.MODEL.DETECTION.CLASS_LOSS_WEIGHT)
