@@ -35,7 +35,11 @@ def env(tmp_path_factory):
     toy = os.path.join(datasets, "toy_shapes")
     ensure_toy_shapes(toy, num_train=8, num_val=2, seed=0, num_novel=1)
     tokenizer = ensure_toy_tokenizer(toy, vocab_size=300)["path"]
-    return {"env": dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="2"),
+    # One thread: with two, some of torch's CPU reductions add in an order that depends on
+    # thread timing, and two identical fresh runs already differ in the 7th digit after a
+    # few iterations (checked with the reference op too), resume or not.
+    return {"env": dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1",
+                        MKL_NUM_THREADS="1"),
             "tokenizer": tokenizer}
 
 
@@ -94,7 +98,7 @@ def test_kill_during_checkpoint_write_resumes_from_previous(env, uninterrupted, 
     # SIGKILL halfway through writing the checkpoint of iteration 3 (period 2: checkpoints
     # at iterations 1, 3, 5)
     first, _ = train(env, out, period=2, kill_in_save=3, expect_rc=-9)
-    assert sorted(first) == [0, 1, 2, 3]
+    assert sorted(first) == [0, 1, 2]   # killed before iteration 3 was recorded
     leftovers = sorted(os.listdir(out))
     assert "model_0000003.pth" not in leftovers and "model_0000001.pth" in leftovers
     assert any(f.endswith(".tmp") for f in leftovers), leftovers   # the torn temporary file

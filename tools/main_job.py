@@ -28,7 +28,6 @@ import unip_v2  # noqa: F401  (first: makes detectron2 importable)
 
 import cv2
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
@@ -36,7 +35,7 @@ from detectron2.utils.logger import setup_logger
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import toy_shapes_root
 from unip_v2.data.image_io import try_read_image
-from unip_v2.engine import Predictor, Trainer
+from unip_v2.engine import Checkpointer, Predictor, Trainer, check_finite_weights
 from unip_v2.utils.visualization import draw_predictions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +103,8 @@ def seen_and_novel_ap(task_results, names, novel_names):
 def evaluate(cfg, weights):
     """COCOEvaluator on val and novel, each with its own vocabulary (Trainer.test)."""
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    Checkpointer(model).load(weights)
+    check_finite_weights(model, weights)
     results = Trainer.test(cfg, model)
     novel_names = MetadataCatalog.get(NOVEL).novel_thing_classes
     names = MetadataCatalog.get(NOVEL).thing_classes
@@ -130,7 +130,9 @@ def draw_pictures(cfg, out_dir, count, threshold):
                                      predictor.class_names, threshold)
             stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
             path = os.path.join(out_dir, f"{name.replace('toy_shapes_', '')}_{stem}.png")
-            cv2.imwrite(path, drawn[:, :, ::-1])
+            if not cv2.imwrite(path, drawn[:, :, ::-1]):
+                print(f"warning: could not write {path}", file=sys.stderr)
+                continue
             written.append(path)
     return written
 

@@ -180,8 +180,10 @@ def add_unip_v2_config(cfg: CN) -> None:
     # RoBERTa position table size (roberta-base 514 = 512 tokens + the padding offset of 2);
     # used only without PRETRAINED.
     cfg.MODEL.TEXT_ENCODER.MAX_POSITION_EMBEDDINGS = 514
-    # Most tokens per text, <s> and </s> included; longer texts are truncated (keeping
-    # </s>). 64 covers captions and category names; at most MAX_POSITION_EMBEDDINGS - 2.
+    # Most tokens per text, <s> and </s> included; a longer text raises (naming it and its
+    # token count) unless the caller asks for truncation (keeping </s>), so two long
+    # category names never share one embedding. 64 covers captions and category names; at
+    # most MAX_POSITION_EMBEDDINGS - 2.
     cfg.MODEL.TEXT_ENCODER.CONTEXT_LENGTH = 64
     # Width of the returned token features (the unified decoder's); a Linear projects
     # RoBERTa's hidden size to it when they differ, identity otherwise.

@@ -1,7 +1,7 @@
 """Training / evaluation loop (detectron2's DefaultTrainer with unip-v2's builders) and the
 predictor of the demo."""
-from .predictor import Predictor, parse_vocabulary
 from .checkpointer import Checkpointer, CheckpointLoadError, check_finite_weights
+from .predictor import Predictor, parse_vocabulary
 from .trainer import Trainer
 
 __all__ = ["CheckpointLoadError", "Checkpointer", "Predictor", "Trainer", "check_finite_weights",

@@ -7,7 +7,9 @@ from typing import List, Optional, Sequence
 
 from detectron2.engine import DefaultPredictor
 
+from ..data.datasets import thing_classes
 from ..modeling.tasks import check_class_names
+from .checkpointer import Checkpointer, check_finite_weights
 
 __all__ = ["Predictor", "parse_vocabulary"]
 
@@ -33,7 +35,16 @@ class Predictor(DefaultPredictor):
     text encoder's limit raises a ValueError here, not at the first image."""
 
     def __init__(self, cfg, vocabulary: Optional[Sequence[str]] = None):
-        super().__init__(cfg)
+        # DefaultPredictor would load MODEL.WEIGHTS with detectron2's checkpointer, which
+        # unpickles .pkl files unrestricted: build without weights, then load them safely.
+        no_weights = cfg.clone()
+        no_weights.defrost()
+        no_weights.MODEL.WEIGHTS = ""
+        super().__init__(no_weights)
+        self.cfg = cfg.clone()
+        if cfg.MODEL.WEIGHTS:
+            Checkpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            check_finite_weights(self.model, cfg.MODEL.WEIGHTS)
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
         else:
@@ -60,4 +71,9 @@ class Predictor(DefaultPredictor):
         names = getattr(self.model, "test_class_names", None)
         if names:
             return list(names)
-        return list(self.metadata.get("thing_classes", [])) if self.metadata else []
+        if not self.cfg.DATASETS.TEST:
+            return []
+        try:
+            return thing_classes(self.cfg.DATASETS.TEST[0])
+        except ValueError:   # a dataset without categories (class-agnostic proposals)
+            return []

@@ -10,8 +10,8 @@ Supported pairs:
   (``{"model": ...}``, PatchMerging at the *end* of stage i as ``layers.{i}.downsample``,
   which timm 1.0 and this backbone keep at the *start* of stage i+1).
 
-Files: ``.pth``/``.pt`` (torch.load, weights only), ``.pkl`` (pickle, as detectron2 reads
-its model zoo) and ``.safetensors``. Tensors are copied in place by name, never through
+Files: ``.pth``/``.pt`` (torch.load, weights only), ``.pkl`` (detectron2's model-zoo pickles, through a
+restricted unpickler that accepts only tensors, arrays and containers) and ``.safetensors``. Tensors are copied in place by name, never through
 ``load_state_dict``, so modules the file does not cover keep their values (detectron2's
 FrozenBatchNorm2d would otherwise reset running stats it does not find). Returns a report::
 
@@ -37,6 +37,7 @@ from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from fvcore.common.checkpoint import get_missing_parameters_message, get_unexpected_parameters_message
 
+from ...utils.safe_pickle import load_pickle
 from .swin import SwinBackbone
 
 __all__ = ["convert_backbone_weights", "load_backbone_pretrained", "read_weights_file"]
@@ -74,9 +75,8 @@ def read_weights_file(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path!r}")
     if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            # latin1: Caffe2/Detectron1 pickles were written by Python 2 (detectron2 does the same).
-            data = pickle.load(f, encoding="latin1")
+        # only tensors, arrays and containers: unpickling anything else could run code
+        data = load_pickle(path)
     elif path.endswith((".pth", ".pt")):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
