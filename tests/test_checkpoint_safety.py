@@ -121,6 +121,17 @@ def test_non_finite_weights_are_named():
         check_finite_weights(model, "bad.pth")
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The toy tokenizer, trained on a tiny generated toy_shapes (a fresh clone has none)."""
+    from unip_v2.data.datasets import ensure_toy_shapes
+    from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
+
+    toy = str(tmp_path_factory.mktemp("datasets") / "toy_shapes")
+    ensure_toy_shapes(toy, num_train=4, num_val=1, seed=0, num_novel=1)
+    return ensure_toy_tokenizer(toy, vocab_size=300)["path"]
+
+
 def toy_cfg(*opts):
     cfg = get_cfg()
     add_unip_v2_config(cfg)
@@ -134,9 +145,10 @@ def test_checkpoint_period_zero_is_refused_before_training():
         Trainer(toy_cfg("SOLVER.CHECKPOINT_PERIOD", "0"))
 
 
-def test_eval_only_refuses_random_and_non_finite_weights(tmp_path):
+def test_eval_only_refuses_random_and_non_finite_weights(tmp_path, tokenizer):
     args = argparse.Namespace(resume=False, eval_only=True)
-    cfg = toy_cfg("OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "")
+    cfg = toy_cfg("OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "",
+                  "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer)
     with pytest.raises(ValueError, match="needs weights"):
         train_net.evaluate(cfg, args)
     # NaN weights: refused with the parameter's name instead of detectron2's box error
@@ -146,7 +158,8 @@ def test_eval_only_refuses_random_and_non_finite_weights(tmp_path):
     state[name] = torch.full_like(state[name], float("nan"))
     path = tmp_path / "nan.pth"
     torch.save({"model": state}, path)
-    cfg = toy_cfg("OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", str(path))
+    cfg = toy_cfg("OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", str(path),
+                  "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer)
     with pytest.raises(ValueError, match=f"NaN or inf.*{name}|{name}.*"):
         train_net.evaluate(cfg, args)
 
