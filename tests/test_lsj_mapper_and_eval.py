@@ -210,18 +210,23 @@ def test_corrupt_image_is_skipped_counted_and_retried(dataset, caplog):
     assert any("corrupt.png" in r.getMessage() for r in caplog.records)
 
 
-def test_retrying_map_dataset_skips_corrupt_image(dataset):
-    # detectron2 0.6's own MapDataset retries with `random.Random.sample(a_set, k=1)`, which
-    # Python 3.11 rejects; unip_v2.data.build.RetryingMapDataset is what the trainer uses.
-    from unip_v2.data.build import RetryingMapDataset
+def test_train_loader_replaces_a_corrupt_image_reproducibly(dataset):
+    # The mapper returns None for the corrupt file; the train loader draws a replacement from
+    # (seed, position, attempt), so the same position always gives the same replacement.
+    from unip_v2.data.build import IndexStream, _StepBatches
 
     mapper = COCOInstanceLSJDatasetMapper(_cfg(), is_train=True)
     bad = dataset["dicts"]["corrupt.png"]
     dicts = list(dataset["dicts"].values())
-    mapped = RetryingMapDataset(DatasetFromList(dicts, copy=False), mapper)
-    out = mapped[dicts.index(bad)]
+    stream = IndexStream(len(dicts), seed=0)
+    position = next(p for p in range(10 * len(dicts)) if stream[p] == dicts.index(bad))
+    steps = _StepBatches(DatasetFromList(dicts, copy=False), mapper, stream, start=0,
+                         batch_size=1, rank=0, world_size=1)
+    out = steps.map_position(position)
     assert out is not None and out["image_id"] != bad["image_id"]
     assert mapper.num_skipped == 1
+    again = steps.map_position(position)
+    assert again["image_id"] == out["image_id"] and torch.equal(again["image"], out["image"])
 
 
 def test_determinism_under_fixed_seed(dataset):
