@@ -15,6 +15,7 @@ import unip_v2  # noqa: F401  (first: makes detectron2 importable)
 from detectron2.config import get_cfg
 
 from tools_loader import REPO, load_tool
+from toy_data import make_toy_data
 from unip_v2 import add_unip_v2_config
 from unip_v2.engine import Checkpointer, Trainer, check_finite_weights
 from unip_v2.modeling.backbone.pretrained import read_weights_file
@@ -124,12 +125,7 @@ def test_non_finite_weights_are_named():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """The toy tokenizer, trained on a tiny generated toy_shapes (a fresh clone has none)."""
-    from unip_v2.data.datasets import ensure_toy_shapes
-    from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
-
-    toy = str(tmp_path_factory.mktemp("datasets") / "toy_shapes")
-    ensure_toy_shapes(toy, num_train=4, num_val=1, seed=0, num_novel=1)
-    return ensure_toy_tokenizer(toy, vocab_size=300)["path"]
+    return make_toy_data(tmp_path_factory, num_train=4, num_val=1)[2]
 
 
 def toy_cfg(*opts):

@@ -18,14 +18,14 @@ from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
 from unip_v2 import add_unip_v2_config
-from unip_v2.data.datasets import ensure_toy_shapes, toy_shapes_files
-from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
+from unip_v2.data.datasets import toy_shapes_files
 from unip_v2.engine import Predictor, parse_vocabulary
 from unip_v2.engine.demo import expand_inputs, plan_outputs
 from unip_v2.modeling.text_encoder import build_tokenizer
 from unip_v2.utils.visualization import draw_predictions, instances_to_draw
 
 from tools_loader import load_tool
+from toy_data import make_toy_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "toy", "uni_perceiver_v2_R50_tiny.yaml")
@@ -39,11 +39,7 @@ main_job = load_tool("main_job")
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny toy_shapes (4 train, 2 val, 2 novel images) and its tokenizer."""
-    datasets = tmp_path_factory.mktemp("datasets")
-    root = os.path.join(datasets, "toy_shapes")
-    ensure_toy_shapes(root, num_train=4, num_val=2, num_novel=2, seed=0)
-    tokenizer = ensure_toy_tokenizer(root, vocab_size=300)["path"]
-    return str(datasets), root, tokenizer
+    return make_toy_data(tmp_path_factory, num_train=4, num_val=2, num_novel=2)
 
 
 def _cfg(tokenizer, *opts):

@@ -20,8 +20,7 @@ import pytest
 
 import unip_v2  # noqa: F401  (first: makes detectron2 importable)
 
-from unip_v2.data.datasets import ensure_toy_shapes
-from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
+from toy_data import make_toy_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "resume_runner.py")
@@ -31,10 +30,7 @@ RUNS = itertools.count()
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    datasets = tmp_path_factory.mktemp("datasets")
-    toy = os.path.join(datasets, "toy_shapes")
-    ensure_toy_shapes(toy, num_train=8, num_val=2, seed=0, num_novel=1)
-    tokenizer = ensure_toy_tokenizer(toy, vocab_size=300)["path"]
+    datasets, _, tokenizer = make_toy_data(tmp_path_factory, num_train=8, num_val=2)
     # One thread: with two, some of torch's CPU reductions add in an order that depends on
     # thread timing, and two identical fresh runs already differ in the 7th digit after a
     # few iterations (checked with the reference op too), resume or not.

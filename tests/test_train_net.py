@@ -11,8 +11,7 @@ import torch
 
 import unip_v2  # noqa: F401  (first: makes detectron2 importable)
 
-from unip_v2.data.datasets import ensure_toy_shapes
-from unip_v2.data.datasets.toy_tokenizer import ensure_toy_tokenizer
+from toy_data import make_toy_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "toy", "uni_perceiver_v2_R50_tiny.yaml")
@@ -23,10 +22,7 @@ PREDICTIONS = os.path.join("inference", "toy_shapes_val", "instances_predictions
 def run(tmp_path_factory):
     """A function running train_net.py on a tiny toy_shapes (6 train, 3 val images) at 128
     pixels; returns the completed process."""
-    datasets = tmp_path_factory.mktemp("datasets")
-    toy = os.path.join(datasets, "toy_shapes")
-    ensure_toy_shapes(toy, num_train=6, num_val=3, seed=0, num_novel=1)
-    tokenizer = ensure_toy_tokenizer(toy, vocab_size=300)["path"]
+    datasets, _, tokenizer = make_toy_data(tmp_path_factory, num_train=6, num_val=3)
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="2")
 
     def _run(*args, **opts):

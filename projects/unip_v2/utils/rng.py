@@ -54,8 +54,12 @@ def fork_rng(seed=None) -> Iterator[None]:
     With `seed` (an int), Python's, NumPy's and torch's CPU generators are seeded with it for
     the block, so the block's draws depend on the seed alone; without, the block continues
     from the current states. Either way the states after the block equal those before it.
+    CUDA generators are not forked: the blocks this serves (mapping a sample on the CPU,
+    evaluating a model in eval mode) draw no CUDA random numbers. It runs once per training
+    sample, so the states stay as the generators return them (get_rng_state converts them
+    for a checkpoint).
     """
-    saved = get_rng_state()
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         if seed is not None:
             random.seed(seed)
@@ -63,7 +67,9 @@ def fork_rng(seed=None) -> Iterator[None]:
             torch.random.default_generator.manual_seed(seed)
         yield
     finally:
-        set_rng_state(saved)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def derived_seed(*parts: int) -> int:

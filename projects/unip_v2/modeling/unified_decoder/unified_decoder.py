@@ -1,4 +1,4 @@
-"""g: the modality-agnostic unified decoder (paper 001 Eq. 5-7, Sec. 4.3, App. B).
+"""g: the modality-agnostic unified decoder (Uni-Perceiver v2, Eq. 5-7, Sec. 4.3, Appendix B).
 
 A sequence is [<SPE>, segment_0, segment_1, ...]: a learned <SPE> vector, then token
 segments (image-global, image-regional, text) with a learned segment-type embedding
