@@ -168,19 +168,86 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_inference_instances(model):
+    """The proposal network's detections are its top 10 fused proposals: score =
+    sigmoid(objectness) and the image-relative box scaled to the output size (twice the
+    input here), checked against float64 formulas on the image encoder's own output."""
     model.eval()
     batch = [make_sample(90, 117, [(5, 5, 40, 50)], 0), make_sample(64, 64, [], 1)]
     batch[0]["height"], batch[0]["width"] = 180, 234  # output at twice the input size
     with torch.no_grad():
         out = model(batch)
+        images, sizes = model.preprocess_image(batch)
+        enc = model.image_encoder(images.tensor, sizes)
     inst = out[0]["instances"]
     assert inst.image_size == (180, 234)
     assert len(inst) == 10 and inst.pred_masks.shape == (10, 180, 234)
     assert inst.pred_masks.dtype == torch.bool and (inst.pred_classes == 0).all()
-    assert (inst.scores[:-1] >= inst.scores[1:]).all() and ((inst.scores >= 0) & (inst.scores <= 1)).all()
-    boxes = inst.pred_boxes.tensor
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 234).all() and (boxes[:, 3] <= 180).all()
+    obj = enc.regional_objectness[0, :10].double()          # sorted, highest first
+    torch.testing.assert_close(inst.scores.double(), 1 / (1 + torch.exp(-obj)), rtol=1e-5,
+                               atol=1e-7)
+    cx, cy, w, h = enc.regional_boxes[0, :10].double().unbind(-1)
+    want = torch.stack(((cx - w / 2) * 234, (cy - h / 2) * 180, (cx + w / 2) * 234,
+                        (cy + h / 2) * 180), -1)
+    want = torch.min(want.clamp(min=0), torch.tensor([234.0, 180, 234, 180], dtype=torch.float64))
+    torch.testing.assert_close(inst.pred_boxes.tensor.double(), want, rtol=1e-5, atol=1e-4)
     assert out[1]["instances"].image_size == (64, 64)
+
+
+def test_regional_outputs_are_the_chosen_proposals_relative_to_each_image():
+    """The regional outputs are the final decoder layer's proposals at regional_index, in
+    objectness order; boxes go from the padded canvas to each image's own extent
+    (x * W / w, y * H / h, then cut at the image border), float64 oracle; the mask pooling
+    of Eq. 9 gets each image's valid extent on the stride-4 mask map (hand-computed)."""
+    # An untrained model's boxes are all the whole canvas (its random masks cover it and
+    # the box refinement starts at zero), which would hide a missing conversion: start from
+    # the anchors and give the refinement random weights, so that boxes differ.
+    cfg = tiny_cfg()
+    cfg.MODEL.IMAGE_ENCODER.INITIALIZE_BOX_TYPE = "none"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()   # fresh: BatchNorm statistics of no other test
+    with torch.no_grad():
+        model.image_encoder.proposal_decoder._bbox_embed.layers[-1].weight.normal_(0, 0.5)
+    sizes = [(97, 131), (120, 75)]
+    H, W = 128, 160
+    g = torch.Generator().manual_seed(3)
+    images = torch.zeros(2, 3, H, W)
+    for b, (h, w) in enumerate(sizes):
+        images[b, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    seen, masks = [], []
+    hooks = [model.image_encoder.region_proposals.register_forward_pre_hook(
+                 lambda mod, inp: seen.append(inp[3].clone())),
+             model.image_encoder.pixel_encoder.register_forward_pre_hook(
+                 lambda mod, inp: masks.append(inp[1].clone()))]
+    try:
+        with torch.no_grad():
+            out = model.image_encoder(images, sizes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # the pixel-level padding mask: True from row h and from column w on
+    want_mask = torch.ones(2, H, W, dtype=torch.bool)
+    for b, (h, w) in enumerate(sizes):
+        want_mask[b, :h, :w] = False
+    assert torch.equal(masks[0], want_mask)
+    # mask map 32 x 40: ceil(97 * 32 / 128) = 25, ceil(131 * 40 / 160) = 33;
+    # ceil(120 * 32 / 128) = 30, ceil(75 * 40 / 160) = 19
+    assert seen[0].tolist() == [[25, 33], [30, 19]]
+    final = out.rpn["layers"][-1]
+    idx = out.regional_index
+    for b, (h, w) in enumerate(sizes):
+        torch.testing.assert_close(out.regional_objectness[b],
+                                   out.rpn["proposal_logits"][b, idx[b]])
+        torch.testing.assert_close(out.regional_mask_logits[b], final["pred_masks"][b, idx[b]])
+        cx, cy, bw, bh = final["pred_boxes"][b, idx[b]].double().unbind(-1)
+        x0 = ((cx - bw / 2) * W / w).clamp(0, 1)
+        x1 = ((cx + bw / 2) * W / w).clamp(0, 1)
+        y0 = ((cy - bh / 2) * H / h).clamp(0, 1)
+        y1 = ((cy + bh / 2) * H / h).clamp(0, 1)
+        want = torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), -1)
+        torch.testing.assert_close(out.regional_boxes[b].double(), want, rtol=1e-5, atol=1e-6)
+        # the cut at the image border is exercised: some box reaches into the padding
+        assert ((cx + bw / 2) * W / w > 1.01).any()
+        assert len({round(v, 4) for v in bw.tolist()}) > 5              # boxes differ
 
 
 def test_bad_image_shape_names_it(model):

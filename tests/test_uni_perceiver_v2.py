@@ -76,6 +76,92 @@ def test_inference_instances_and_cached_class_embeddings(cfg):
     assert model.target_bank.num_encodings == 1                     # names encoded once
 
 
+def _capture(model):
+    """Records what the forward pass computed on the way: the image encoder's output, the
+    decoded regional features, the class embeddings, and the proposal matches."""
+    seen = {}
+    model.image_encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+    model.target_bank.register_forward_hook(lambda m, i, o: seen.__setitem__("classes", o))
+    model.criterion.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("matches", o[1]) if isinstance(o, tuple) else None)
+    region = model.region_features
+
+    def region_features(out):
+        seen["feats"] = region(out)
+        return seen["feats"]
+
+    model.region_features = region_features
+    return seen
+
+
+def _cosine_logits64(feats, classes, scale):
+    f = feats.double() / feats.double().norm(dim=-1, keepdim=True)
+    e = classes.double() / classes.double().norm(dim=-1, keepdim=True)
+    return scale * f @ e.T
+
+
+def test_inference_scores_classes_and_boxes_equal_a_float64_oracle(cfg):
+    """Inference ("Tasks with Localization"): for each image, all (proposal, class) pairs
+    scored by sigmoid(objectness) x softmax over the classes of scale * cos(decoded region,
+    class embedding) (Eq. 5), top 10; boxes are the chosen proposals' scaled to the output
+    size. The oracle recomputes this in float64 from the captured intermediate values."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    seen = _capture(model)
+    samples = batch()
+    samples[1]["height"], samples[1]["width"] = 48, 64          # output at half size
+    with torch.no_grad():
+        results = model(samples)
+    out, feats, classes = seen["out"], seen["feats"], seen["classes"]
+    scale = model.logit_scale().item()
+    assert classes.shape == (len(NAMES), 64) and feats.shape == out.regional_tokens.shape
+    for b, (res, (oh, ow)) in enumerate(zip(results, [(96, 128), (48, 64)])):
+        logits = _cosine_logits64(feats[b], classes, scale)                  # (O, C)
+        obj = out.regional_objectness[b].double()
+        score = (1 / (1 + torch.exp(-obj)))[:, None] * logits.softmax(-1)
+        top = score.flatten().argsort(descending=True)[:10]
+        prop, cls = top // len(NAMES), top % len(NAMES)
+        inst = res["instances"]
+        assert inst.pred_classes.tolist() == cls.tolist()
+        torch.testing.assert_close(inst.scores.double(), score.flatten()[top], rtol=1e-5,
+                                   atol=1e-7)
+        cx, cy, w, h = out.regional_boxes[b, prop].double().unbind(-1)
+        want = torch.stack(((cx - w / 2) * ow, (cy - h / 2) * oh, (cx + w / 2) * ow,
+                            (cy + h / 2) * oh), -1)
+        want = torch.min(want.clamp(min=0), torch.tensor([ow, oh, ow, oh], dtype=torch.float64))
+        torch.testing.assert_close(inst.pred_boxes.tensor.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_class_loss_equals_a_float64_cross_entropy_over_matched_proposals(cfg):
+    """Training (Eq. 7): loss_class = CLASS_LOSS_WEIGHT x the mean cross-entropy, over the
+    C training classes, of scale * cos(decoded region, class embedding) at every query
+    matched to a ground truth that made the top O = 12 of 30 proposals, against that
+    ground truth's class; float64 oracle from the captured matches and features."""
+    cfg = cfg.clone()
+    cfg.MODEL.IMAGE_ENCODER.TOPK_PROPOSALS = 12
+    cfg.MODEL.DETECTION.CLASS_LOSS_WEIGHT = 2.5
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    seen = _capture(model)
+    samples = batch()
+    torch.manual_seed(1)
+    losses = model(samples)
+    out, feats, classes = seen["out"], seen["feats"], seen["classes"]
+    scale = model.logit_scale().item()
+    terms = []
+    for b, (q, g) in enumerate(seen["matches"]):
+        gt = samples[b]["instances"].gt_classes
+        for qi, gi in zip(q.tolist(), g.tolist()):
+            pos = (out.regional_index[b] == qi).nonzero()
+            if len(pos):
+                row = _cosine_logits64(feats[b, int(pos[0, 0])].detach(), classes.detach(), scale)
+                terms.append(-(row[int(gt[gi])] - torch.logsumexp(row, 0)))
+    # both cases occur: 1 of the 3 matched queries made the top O, 2 did not (no loss)
+    assert 0 < len(terms) < sum(len(q) for q, _ in seen["matches"])
+    want = 2.5 * sum(terms) / len(terms)
+    assert losses["loss_class"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_test_class_names_replace_the_vocabulary(cfg):
     cfg = cfg.clone()
     cfg.MODEL.DETECTION.TEST_CLASS_NAMES = ["purple pentagon", "red circle"]
@@ -116,16 +202,26 @@ def test_gradients_reach_every_trainable_parameter_over_a_few_steps(cfg):
 
 def test_losses_and_outputs_float32_under_autocast(cfg):
     """The model runs under autocast (SOLVER.AMP.ENABLED on CUDA; bf16 here on CPU): the
-    losses and the matcher stay float32, outputs carry float32 scores and boxes."""
+    losses and the matcher stay float32, outputs carry float32 scores and boxes, and the
+    values stay close to the float32 run's (the class loss within 5 %, the top score within
+    10 %: bf16 keeps 8 bits of mantissa)."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    torch.manual_seed(5)
+    reference = model(batch())["loss_class"].item()
+    torch.manual_seed(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert losses["loss_class"].item() == pytest.approx(reference, rel=0.05)
     sum(losses.values()).backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
     model.eval()
+    with torch.no_grad():
+        top = model(batch())[0]["instances"].scores[0].item()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         inst = model(batch())[0]["instances"]
     assert inst.scores.dtype == inst.pred_boxes.tensor.dtype == torch.float32
     assert inst.pred_masks.dtype == torch.bool and len(inst) == cfg.TEST.DETECTIONS_PER_IMAGE
+    assert inst.scores[0].item() == pytest.approx(top, rel=0.1)
