@@ -314,16 +314,55 @@ def test_evaluator_perfect_predictions_with_wrong_classes(dataset):
         assert {"AP75", "APs", "APm", "APl", "AR@1", "AR@10"} <= set(results[task])
 
 
+def _class_agnostic_cocoeval(json_file, detections, task):
+    """pycocotools' COCOeval run here on one category: every ground-truth annotation and
+    every detection relabelled to category 1. Returns its 12 summary stats x 100."""
+    from pycocotools.cocoeval import COCOeval
+
+    with open(json_file) as f:
+        data = json.load(f)
+    for a in data["annotations"]:
+        a["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "object"}]
+    gt = COCO()
+    gt.dataset = data
+    gt.createIndex()
+    dt = gt.loadRes([dict(d, category_id=1) for d in detections])
+    coco_eval = COCOeval(gt, dt, task)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return 100 * coco_eval.stats
+
+
 def test_evaluator_shifted_predictions_score_lower(dataset):
+    """Boxes and masks shifted by 6 px: the evaluator's AP and AR@100 equal pycocotools'
+    COCOeval run directly on the same detections, all relabelled to one category (the
+    class-agnostic protocol), and are well below 100 (6.8 AP, 15 AR@100)."""
+    detections = {"bbox": [], "segm": []}
+    ids = iter(sorted(COCO(dataset["json"]).getImgIds()))
+
     def shift(inst):
         inst.pred_boxes = Boxes(inst.pred_boxes.tensor + 6)
         inst.pred_masks = inst.pred_masks.roll((6, 6), dims=(1, 2))
+        image_id = next(ids)
+        for box, mask, score in zip(inst.pred_boxes.tensor.tolist(), inst.pred_masks.numpy(),
+                                    inst.scores.tolist()):
+            x0, y0, x1, y1 = box
+            detections["bbox"].append({"image_id": image_id, "category_id": 1, "score": score,
+                                       "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            detections["segm"].append({"image_id": image_id, "category_id": 1, "score": score,
+                                       "segmentation": rle})
         return inst
 
     results = _evaluate(dataset, shift)
     for task in ("bbox", "segm"):
-        assert 0 <= results[task]["AP"] < 90
-        assert results[task]["AR@100"] < 90
+        stats = _class_agnostic_cocoeval(dataset["json"], detections[task], task)
+        assert results[task]["AP"] == pytest.approx(stats[0], abs=1e-6)
+        assert results[task]["AR@100"] == pytest.approx(stats[8], abs=1e-6)
+        assert 5 < results[task]["AP"] < 90 and results[task]["AR@100"] < 90
 
 
 def test_evaluator_without_detections_scores_zero(dataset):
