@@ -377,11 +377,48 @@ def test_trainer_test_finishes_and_counts_skipped_images(tmp_path, register, tok
     model = Trainer.build_model(cfg)
     with caplog.at_level(logging.WARNING):
         results = Trainer.test(cfg, model)
+    # the random model's AP is whatever it is; it cannot pass the recall cap that the two
+    # skipped images set (2 of the 4 objects can be found: see the perfect model below)
     for task in ("bbox", "segm"):
-        assert 0.0 <= results[task]["AP"] <= 100.0
+        assert 0.0 <= results[task]["AP"] <= _ap(0.5) + 1e-9
     log = _messages(caplog)
     assert "missing.png" in log and "truncated.png" in log
     assert "2 image(s) skipped" in log and "2 of 3 image(s)" in log
+
+
+class _PerfectModel(torch.nn.Module):
+    """Stands in for the model in Trainer.test: predicts exactly the ground truth of the
+    readable image (good.png: its two rectangles), in the input's original resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            self.seen.append(x["image_id"])
+            assert (x["height"], x["width"]) == (H, W)
+            outputs.append({"instances": _perfect(
+                H, W, [_rect_polygon(8, 4, 24, 12), _rect_polygon(40, 4, 60, 28)])})
+        return outputs
+
+
+def test_trainer_test_scores_skipped_images_as_misses(tmp_path, register, tokenizer, caplog):
+    """Trainer.test end to end (test loader that skips, evaluator) with perfect predictions
+    for the one readable image: 2 of the 4 objects found, all at precision 1, so COCO AP is
+    the hand-computed _ap(0.5) = 100 * 51 / 101 for boxes and masks (100 if the skipped
+    images' objects were left out of the ground truth)."""
+    name = _eval_dataset(tmp_path, register)
+    cfg = _toy_cfg(tokenizer, name, tmp_path)
+    model = _PerfectModel()
+    with caplog.at_level(logging.WARNING):
+        results = Trainer.test(cfg, model)
+    assert model.seen == [1]
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == pytest.approx(100.0 * 51 / 101)
+        assert results[task]["AP50"] == pytest.approx(100.0 * 51 / 101)
+    assert "2 of 3 image(s)" in _messages(caplog)
 
 
 # ------------------------------------------------------- 6. pixel modes, bit depth

@@ -396,6 +396,15 @@ def test_seen_and_novel_ap_and_json_safety():
     got = main_job.seen_and_novel_ap(task, ["a", "b", "c", "d"], ["c", "d"])
     assert got["AP_seen"] == 40.0 and got["AP_novel"] == 10.0   # NaN (no instances) skipped
     assert json.loads(json.dumps(main_job._json_safe(got)))["AP_per_category"]["c"] is None
+    got = main_job.seen_and_novel_ap({"AP-a": 50.0, "AP-b": 20.0, "AP-d": 6.0},
+                                     ["a", "b", "d"], ["b", "d"])
+    assert got["AP_seen"] == 50.0 and got["AP_novel"] == 13.0     # (20 + 6) / 2
+
+
+def _mean_of_present(values):
+    """Mean of the values that are not None (JSON null) / NaN; None if there are none."""
+    values = [v for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else None
 
 
 def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
@@ -411,13 +420,27 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     val, novel = metrics["results"]["toy_shapes_val"], metrics["results"]["toy_shapes_novel"]
+    novel_names = metrics["novel_categories"]
     for task in ("bbox", "segm"):
-        assert 0 <= val[task]["AP"] <= 100
+        # COCO AP is the mean of the per-category APs over the categories with ground truth
+        # (null in metrics.json: no instance); the job's seen / held-out APs are that mean
+        # over its two sets of names
+        per_val = {k[3:]: v for k, v in val[task].items() if k.startswith("AP-")}
+        assert len(per_val) == 10
+        assert val[task]["AP"] == pytest.approx(_mean_of_present(per_val.values()), abs=1e-6)
         per_category = novel[task]["AP_per_category"]
-        assert len(per_category) == 14 and set(metrics["novel_categories"]) <= set(per_category)
+        assert len(per_category) == 14 and set(novel_names) <= set(per_category)
+        assert per_category == {k[3:]: v for k, v in novel[task].items() if k.startswith("AP-")}
+        assert novel[task]["AP"] == pytest.approx(
+            _mean_of_present(per_category.values()), abs=1e-6)
+        for key, held_out in (("AP_seen", False), ("AP_novel", True)):
+            want = _mean_of_present(v for n, v in per_category.items()
+                                    if (n in novel_names) == held_out)
+            assert novel[task][key] == (None if want is None else pytest.approx(want, abs=1e-9))
     assert sorted(os.listdir(out / "visualizations")) == ["novel_000000.png", "val_000000.png"]
     summary = (out / "summary.txt").read_text()
-    assert "box AP" in summary and "held-out categories" in summary and summary in proc.stdout
+    assert "held-out categories" in summary and summary in proc.stdout
+    assert (f"box AP {val['bbox']['AP']:.1f}   mask AP {val['segm']['AP']:.1f}" in summary)
     assert "Starting training from iteration 0" in log
     # a second run keeps the finished training
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -16,12 +16,14 @@ import unip_v2  # first: makes detectron2 importable without its compiled ops
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
 from detectron2.data.common import DatasetFromList
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.dataset_mappers import COCOInstanceLSJDatasetMapper, build_dataset_mapper
+from unip_v2.data.dataset_mappers.coco_instance_lsj import build_lsj_augmentations
 from unip_v2.evaluation import ClassAgnosticCOCOEvaluator
 
 # (file, width, height): a picture with objects, a taller one with an RLE object and a crowd
@@ -312,16 +314,55 @@ def test_evaluator_perfect_predictions_with_wrong_classes(dataset):
         assert {"AP75", "APs", "APm", "APl", "AR@1", "AR@10"} <= set(results[task])
 
 
+def _class_agnostic_cocoeval(json_file, detections, task):
+    """pycocotools' COCOeval run here on one category: every ground-truth annotation and
+    every detection relabelled to category 1. Returns its 12 summary stats x 100."""
+    from pycocotools.cocoeval import COCOeval
+
+    with open(json_file) as f:
+        data = json.load(f)
+    for a in data["annotations"]:
+        a["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "object"}]
+    gt = COCO()
+    gt.dataset = data
+    gt.createIndex()
+    dt = gt.loadRes([dict(d, category_id=1) for d in detections])
+    coco_eval = COCOeval(gt, dt, task)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return 100 * coco_eval.stats
+
+
 def test_evaluator_shifted_predictions_score_lower(dataset):
+    """Boxes and masks shifted by 6 px: the evaluator's AP and AR@100 equal pycocotools'
+    COCOeval run directly on the same detections, all relabelled to one category (the
+    class-agnostic protocol), and are well below 100 (6.8 AP, 15 AR@100)."""
+    detections = {"bbox": [], "segm": []}
+    ids = iter(sorted(COCO(dataset["json"]).getImgIds()))
+
     def shift(inst):
         inst.pred_boxes = Boxes(inst.pred_boxes.tensor + 6)
         inst.pred_masks = inst.pred_masks.roll((6, 6), dims=(1, 2))
+        image_id = next(ids)
+        for box, mask, score in zip(inst.pred_boxes.tensor.tolist(), inst.pred_masks.numpy(),
+                                    inst.scores.tolist()):
+            x0, y0, x1, y1 = box
+            detections["bbox"].append({"image_id": image_id, "category_id": 1, "score": score,
+                                       "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            detections["segm"].append({"image_id": image_id, "category_id": 1, "score": score,
+                                       "segmentation": rle})
         return inst
 
     results = _evaluate(dataset, shift)
     for task in ("bbox", "segm"):
-        assert 0 <= results[task]["AP"] < 90
-        assert results[task]["AR@100"] < 90
+        stats = _class_agnostic_cocoeval(dataset["json"], detections[task], task)
+        assert results[task]["AP"] == pytest.approx(stats[0], abs=1e-6)
+        assert results[task]["AR@100"] == pytest.approx(stats[8], abs=1e-6)
+        assert 5 < results[task]["AP"] < 90 and results[task]["AR@100"] < 90
 
 
 def test_evaluator_without_detections_scores_zero(dataset):
@@ -333,3 +374,214 @@ def test_evaluator_without_detections_scores_zero(dataset):
 def test_evaluator_rejects_unknown_task(dataset):
     with pytest.raises(ValueError, match="tasks"):
         ClassAgnosticCOCOEvaluator(dataset["name"], tasks=("keypoints",), distributed=False)
+
+
+# ------------------------------------------- mapper: objects across the image border
+# A 48 x 32 picture whose objects reach outside it: A across the bottom-right corner, B across
+# the top-left corner, C a triangle across the right side, D wholly below the picture (it
+# would land in the crop's bottom pad). Objects are painted (where they lie in the picture) in
+# their own colour, so the mapper's image can be checked under its masks.
+_BORDER_W, _BORDER_H = 48, 32
+_BORDER_POLYGONS = {
+    0: _rect(40, 20, 60, 40),              # A: x 40-60 (picture ends at 48), y 20-40 (ends 32)
+    1: _rect(-6, -4, 10, 12),              # B: starts left of and above the picture
+    2: [30, 2, 70, 10, 34, 18],            # C: triangle reaching x = 70
+    3: _rect(5, 34, 15, 40),               # D: below the picture (y > 32)
+}
+_BORDER_COLOURS = {0: (250, 0, 0), 1: (0, 250, 0), 2: (0, 0, 250), 3: (250, 250, 0)}
+
+
+@pytest.fixture
+def border_dict(tmp_path):
+    """An in-memory dataset dict (RGB png on disk) of the picture above."""
+    img = np.full((_BORDER_H, _BORDER_W, 3), 90, np.uint8)
+    for cat, poly in _BORDER_POLYGONS.items():
+        m = mask_util.decode(mask_util.frPyObjects([poly], _BORDER_H, _BORDER_W))[..., 0]
+        img[m.astype(bool)] = _BORDER_COLOURS[cat]
+    path = tmp_path / "border.png"
+    cv2.imwrite(str(path), img[..., ::-1])   # cv2 writes BGR
+    anns = [{"segmentation": [poly], "category_id": cat, "iscrowd": 0,
+             # a stored box that fits nothing: the mapper must never read it
+             "bbox": [0.0, 0.0, 1.0, 1.0]} for cat, poly in _BORDER_POLYGONS.items()]
+    return {"file_name": str(path), "image_id": 7, "height": _BORDER_H, "width": _BORDER_W,
+            "annotations": anns}
+
+
+def _clip_polygon(points, x_max, y_max):
+    """Sutherland-Hodgman clipping of an (N, 2) float64 polygon to [0, x_max] x [0, y_max]."""
+    def clip(pts, inside, cross):
+        out = []
+        for i in range(len(pts)):
+            p, q = pts[i - 1], pts[i]
+            if inside(q):
+                if not inside(p):
+                    out.append(cross(p, q))
+                out.append(q)
+            elif inside(p):
+                out.append(cross(p, q))
+        return out
+
+    def at_x(x):
+        return lambda p, q: p + (q - p) * ((x - p[0]) / (q[0] - p[0]))
+
+    def at_y(y):
+        return lambda p, q: p + (q - p) * ((y - p[1]) / (q[1] - p[1]))
+
+    pts = list(np.asarray(points, np.float64))
+    pts = clip(pts, lambda p: p[0] >= 0, at_x(0.0))
+    pts = clip(pts, lambda p: p[0] <= x_max, at_x(float(x_max)))
+    pts = clip(pts, lambda p: p[1] >= 0, at_y(0.0))
+    pts = clip(pts, lambda p: p[1] <= y_max, at_y(float(y_max)))
+    return np.asarray(pts, np.float64).reshape(-1, 2)
+
+
+def _off_edge_pixels(got, want, polygon, clip_box):
+    """Pixels where two masks differ and which are not within one pixel of a sloped edge of
+    ``polygon`` (pycocotools rounds points of a sloped edge that it cuts at the image border
+    differently from the same edge cut by hand; edges along the clip lines must agree)."""
+    vw, vh = clip_box
+    pts = np.asarray(polygon, np.float64)
+    seg = [(p, q) for p, q in zip(pts, np.roll(pts, -1, 0))
+           if not any(np.isclose(p[k], v) and np.isclose(q[k], v)
+                      for k, v in ((0, 0.0), (0, vw), (1, 0.0), (1, vh)))]
+    bad = []
+    for y, x in np.argwhere(got != want):
+        c = np.array([x + 0.5, y + 0.5])
+        dist = min(np.linalg.norm(c - (p + np.clip(np.dot(c - p, q - p) / np.dot(q - p, q - p),
+                                                   0, 1) * (q - p))) for p, q in seg)
+        if dist > 1.0:
+            bad.append((y, x))
+    return bad
+
+
+def _oracle_masks(geometry, out_size):
+    """{category: (bool mask (S, S), clipped polygon)} by hand: flip x -> W - x, scale by new/old size, shift by
+    the crop offset, clip to the picture's content [0, vw] x [0, vh] (the pad lies right of
+    and below it), rasterise the clipped polygon with pycocotools. Empty masks are left out."""
+    flip, (new_h, new_w), (x0, y0) = geometry
+    vh, vw = min(new_h - y0, out_size), min(new_w - x0, out_size)
+    masks = {}
+    for cat, poly in _BORDER_POLYGONS.items():
+        pts = np.asarray(poly, np.float64).reshape(-1, 2)
+        if flip:
+            pts[:, 0] = _BORDER_W - pts[:, 0]
+        pts = pts * [new_w / _BORDER_W, new_h / _BORDER_H] - [x0, y0]
+        clipped = _clip_polygon(pts, vw, vh)
+        if len(clipped) < 3:
+            continue
+        m = mask_util.decode(mask_util.frPyObjects([clipped.reshape(-1).tolist()],
+                                                   out_size, out_size))[..., 0].astype(bool)
+        if m.any():
+            masks[cat] = (m, clipped)
+    return masks, (vh, vw)
+
+
+def _recording(mapper):
+    """Makes the mapper's augmentations record the transforms they draw."""
+    drawn, augmentations = [], mapper.augmentations
+
+    def record(aug_input):
+        transforms = augmentations(aug_input)
+        drawn.append(transforms)
+        return transforms
+
+    mapper.augmentations = record
+    return drawn
+
+
+def _geometry(transforms):
+    """(flipped, resized (h, w), crop offset (x0, y0)) read from the drawn transforms."""
+    flip, size, offset = False, None, (0, 0)
+    for t in transforms.transforms:
+        if isinstance(t, T.HFlipTransform):
+            flip = True
+        elif isinstance(t, T.ResizeTransform):
+            size = (t.new_h, t.new_w)
+        elif isinstance(t, T.CropTransform):
+            offset = (t.x0, t.y0)
+    return flip, size, offset
+
+
+def test_objects_across_the_border_are_clipped_scale_two_pad_only(border_dict):
+    """Scale 1 of a 96 target: the 48 x 32 picture is resized x2 to 96 x 64 (min(96/32,
+    96/48) = 2), nothing is cropped, 32 pad rows follow at the bottom. Hand-computed, with
+    pycocotools' convention that a polygon edge at integer x covers columns x0 .. x1 - 1:
+      A: x 40-60, y 20-40 -> x 80-120, y 40-80 -> clipped to x 80-96, y 40-64;
+      B: x -6-10, y -4-12 -> x -12-20, y -8-24 -> clipped to x 0-20, y 0-24;
+      C: (30,2) (70,10) (34,18) -> (60,4) (140,20) (68,36), clipped at x = 96: its box is
+         x 60-96, y 4-36 (the clip line crosses its edges at y 11.2 and 29.8);
+      D: y 34-40 -> y 68-80, all in the pad: no instance.
+    Boxes are the clipped ones, never the polygon's nor the stored bbox."""
+    cfg = _cfg(96, 1.0, 1.0, "none")
+    cfg.INPUT.FORMAT = "RGB"
+    mapper = COCOInstanceLSJDatasetMapper(cfg, is_train=True)
+    out = mapper(border_dict)
+    assert out["valid_size"] == (64, 96)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [0, 1, 2]
+    masks = inst.gt_masks.tensor.numpy()
+    want_a = np.zeros((96, 96), bool)
+    want_a[40:64, 80:96] = True
+    want_b = np.zeros((96, 96), bool)
+    want_b[0:24, 0:20] = True
+    assert np.array_equal(masks[0], want_a)
+    assert np.array_equal(masks[1], want_b)
+    assert not masks[:, 64:, :].any()                       # nothing in the pad rows
+    np.testing.assert_array_equal(inst.gt_boxes.tensor[:2].numpy(),
+                                  [[80, 40, 96, 64], [0, 0, 20, 24]])
+    np.testing.assert_allclose(inst.gt_boxes.tensor[2].numpy(), [60, 4, 96, 36], atol=1.0)
+    oracle, _ = _oracle_masks((False, (64, 96), (0, 0)), 96)
+    assert sorted(oracle) == [0, 1, 2]
+    assert np.array_equal(masks[2], oracle[2][0])
+    # the picture is under its masks: each object's colour (bilinear x2 blends only edges)
+    image = out["image"].permute(1, 2, 0).numpy().astype(int)
+    for i, cat in enumerate((0, 1, 2)):
+        close = (np.abs(image[masks[i]] - _BORDER_COLOURS[cat]).max(1) < 40).mean()
+        assert close > 0.85, (cat, close)
+    assert (image[64:] == 128).all()                        # the pad value, bottom only
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_objects_across_the_border_follow_the_drawn_flip_resize_and_crop(border_dict, seed):
+    """Random flip, scale 1-2 of a 96 target (the picture grows to 96r x 64r, r in [1, 2]),
+    random 96 x 96 crop: the masks equal the hand-transformed, hand-clipped polygons
+    rasterised by pycocotools (_oracle_masks), using the flip / size / offset the mapper
+    drew (up to a few pixels along sloped edges, see _off_edge_pixels); the boxes are the
+    tight boxes of those clipped masks (to 1 px); nothing outside the content;
+    each object's own colour lies under its mask (image and masks share the geometry)."""
+    cfg = _cfg(96, 1.0, 2.0, "horizontal")
+    cfg.INPUT.FORMAT = "RGB"
+    mapper = COCOInstanceLSJDatasetMapper(cfg, is_train=True)
+    drawn = _recording(mapper)
+    np.random.seed(seed)
+    out = mapper(border_dict)
+    geometry = _geometry(drawn[-1])
+    oracle, (vh, vw) = _oracle_masks(geometry, 96)
+    assert out["valid_size"] == (vh, vw)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == sorted(oracle)
+    masks = inst.gt_masks.tensor.numpy()
+    for i, cat in enumerate(sorted(oracle)):
+        want, polygon = oracle[cat]
+        assert (masks[i] != want).sum() <= 6, (cat, geometry)
+        assert _off_edge_pixels(masks[i], want, polygon, (vw, vh)) == [], (cat, geometry)
+    np.testing.assert_allclose(inst.gt_boxes.tensor.numpy(),
+                               _tight_boxes([oracle[c][0] for c in sorted(oracle)]), atol=1.0)
+    assert not masks[:, vh:, :].any() and not masks[:, :, vw:].any()
+    image = out["image"].permute(1, 2, 0).numpy().astype(int)
+    for i, cat in enumerate(sorted(oracle)):
+        close = (np.abs(image[masks[i]] - _BORDER_COLOURS[cat]).max(1) < 40).mean()
+        assert close > 0.8, (cat, close, geometry)
+
+
+def test_border_cases_cover_flip_crop_and_pad():
+    """The seeds above draw flipped and unflipped pictures, crops in x and in y, and pads."""
+    cfg = _cfg(96, 1.0, 2.0, "horizontal")
+    seen = set()
+    augs = T.AugmentationList(build_lsj_augmentations(cfg, is_train=True))
+    for seed in range(6):
+        np.random.seed(seed)
+        aug_input = T.AugInput(np.zeros((_BORDER_H, _BORDER_W, 3), np.uint8))
+        flip, (new_h, new_w), (x0, y0) = _geometry(augs(aug_input))
+        seen |= {("flip", flip), ("crop y", y0 > 0), ("pad", new_h < 96)}
+    assert seen >= {("flip", True), ("flip", False), ("crop y", True), ("pad", True)}
