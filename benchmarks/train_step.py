@@ -51,8 +51,9 @@ STAGES = [
     ("proposal decoder", "image_encoder.proposal_decoder"),
     ("region proposals + global tokens", ("image_encoder.region_proposals",
                                           "image_encoder.global_tokens")),
-    ("matcher", "criterion.matcher"),
-    ("criterion", "criterion"),
+    # the criterion moved into the detection task; the old path times older checkouts
+    ("matcher", ("tasks.detection.criterion.matcher", "criterion.matcher")),
+    ("criterion", ("tasks.detection.criterion", "criterion")),
     ("text encoder", "text_encoder"),
     ("unified decoder", "unified_decoder"),
     ("forward", None),

@@ -365,8 +365,8 @@ def test_model_reads_class_names_of_a_plain_register_coco_instances(tmp_path, re
                     categories=[{"id": 7, "name": "zebra"}, {"id": 3, "name": "apple"}])
     assert not hasattr(MetadataCatalog.get(name), "thing_classes")
     model = Trainer.build_model(_toy_cfg(tokenizer, name, tmp_path))
-    assert model.train_class_names == ["apple", "zebra"]
-    assert model.test_class_names == ["apple", "zebra"]
+    assert model.tasks["detection"].train_class_names == ["apple", "zebra"]
+    assert model.tasks["detection"].test_class_names == ["apple", "zebra"]
 
 
 def test_trainer_test_finishes_and_counts_skipped_images(tmp_path, register, tokenizer,

@@ -178,7 +178,8 @@ def test_paper_model_has_the_paper_sizes(path):
     # sampling offsets: 8 heads x 4 levels x 4 points x (x, y) = 256 outputs
     assert shapes[ie + "proposal_decoder.decoder.layers.0.cross_attn.sampling_offsets.weight"
                   ] == (256, 256)
-    assert model.criterion.num_points == 112 * 112
+    criterion = model.tasks["detection"].criterion if hasattr(model, "tasks") else model.criterion
+    assert criterion.num_points == 112 * 112
     if "Swin" in path:
         c, heads = (128, 4) if "Swin-B" in path else (192, 6)
         assert shapes[ie + "backbone.patch_embed.proj.weight"] == (c, 3, 4, 4)

@@ -26,7 +26,7 @@ from unip_v2.modeling.image_encoder import (
 )
 from unip_v2.modeling.image_encoder import criterion as criterion_module
 from unip_v2.modeling.image_encoder.criterion import num_boxes_across_processes
-from unip_v2.modeling.meta_arch import build_proposal_criterion
+from unip_v2.modeling.image_encoder import build_proposal_criterion
 
 LN2, LN3, LN43 = math.log(2), math.log(3), math.log(4 / 3)
 # loss weights all different, so that a loss multiplied by another's weight shows

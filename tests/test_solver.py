@@ -44,20 +44,43 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(4)
         self.fc1_bias = nn.Parameter(torch.zeros(2, 4))   # MoE expert biases
 
+    def weight_decay_kinds(self):
+        return {"spe": "embed"}
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 4)
+        self.level_embed = nn.Parameter(torch.zeros(2, 4))
+
+    def weight_decay_kinds(self):
+        return {"level_embed": "embed"}
+
+
+class ModelLikeUniPerceiverV2(nn.Module):
+    """The optimiser's protocol on small modules: the model lists its (module, LR
+    multiplier) pairs, modules declare their embeddings and never-decayed parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder = ImageEncoder()
+        self.text_encoder = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4))
+        self.unified_decoder = Decoder()
+        self.logit_scale = LogitScale()
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def lr_multiplier_modules(self, cfg):
+        s = cfg.SOLVER
+        return [(self.image_encoder.backbone, s.BACKBONE_MULTIPLIER),
+                (self.image_encoder, s.IMAGE_ENCODER_MULTIPLIER),
+                (self.text_encoder, s.TEXT_ENCODER_MULTIPLIER)]
+
 
 def model_like_uni_perceiver_v2():
-    """The parameter names the rules key on, on small modules."""
-    m = nn.Module()
-    m.image_encoder = nn.Module()
-    m.image_encoder.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    m.image_encoder.head = nn.Linear(4, 4)
-    m.image_encoder.level_embed = nn.Parameter(torch.zeros(2, 4))
-    m.text_encoder = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4))
-    m.unified_decoder = Decoder()
-    m.logit_scale = LogitScale()
-    m.frozen = nn.Linear(2, 2)
-    m.frozen.requires_grad_(False)
-    return m
+    return ModelLikeUniPerceiverV2()
 
 
 def groups_by_name(cfg, model):
@@ -213,7 +236,7 @@ def _decay_class(name):
     *modules, last = name.split(".")
     if _NORM_NAME.search(name):
         return "norm"
-    if name == "logit_scale.log_scale":
+    if name.endswith("logit_scale.log_scale"):   # one temperature per task
         return "temperature"
     if last in _EMBED_PARAMS or (modules and modules[-1] in _EMBED_MODULES and last == "weight"):
         return "embedding"
@@ -369,4 +392,4 @@ def test_the_real_toy_model_on_the_cpu_gets_the_same_groups():
     assert got["unified_decoder.layers.0.ffn.fc1_weight"] == (1.0, 0.5)
     assert got["image_encoder.proposal_decoder.decoder.layers.0.self_attn.in_proj_bias"] == (
         0.25, 0.03)
-    assert got["logit_scale.log_scale"] == (1.0, 0.0)
+    assert got["tasks.detection.logit_scale.log_scale"] == (1.0, 0.0)

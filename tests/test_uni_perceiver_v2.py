@@ -54,7 +54,7 @@ def test_training_losses_include_the_unified_class_loss(cfg):
     sum(losses.values()).backward()
     # the class loss reaches the text encoder, the unified decoder and the temperature
     for name in ("text_encoder.roberta.embeddings.word_embeddings.weight",
-                 "unified_decoder.spe", "logit_scale.log_scale"):
+                 "unified_decoder.spe", "tasks.detection.logit_scale.log_scale"):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
@@ -82,15 +82,16 @@ def _capture(model):
     seen = {}
     model.image_encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
     model.target_bank.register_forward_hook(lambda m, i, o: seen.__setitem__("classes", o))
-    model.criterion.register_forward_hook(
+    task = model.tasks["detection"]
+    task.criterion.register_forward_hook(
         lambda m, i, o: seen.__setitem__("matches", o[1]) if isinstance(o, tuple) else None)
-    region = model.region_features
+    region = task.region_features
 
-    def region_features(out):
-        seen["feats"] = region(out)
+    def region_features(model_, out):
+        seen["feats"] = region(model_, out)
         return seen["feats"]
 
-    model.region_features = region_features
+    task.region_features = region_features
     return seen
 
 
@@ -113,7 +114,7 @@ def test_inference_scores_classes_and_boxes_equal_a_float64_oracle(cfg):
     with torch.no_grad():
         results = model(samples)
     out, feats, classes = seen["out"], seen["feats"], seen["classes"]
-    scale = model.logit_scale().item()
+    scale = model.tasks["detection"].logit_scale().item()
     assert classes.shape == (len(NAMES), 64) and feats.shape == out.regional_tokens.shape
     for b, (res, (oh, ow)) in enumerate(zip(results, [(96, 128), (48, 64)])):
         logits = _cosine_logits64(feats[b], classes, scale)                  # (O, C)
@@ -147,7 +148,7 @@ def test_class_loss_equals_a_float64_cross_entropy_over_matched_proposals(cfg):
     torch.manual_seed(1)
     losses = model(samples)
     out, feats, classes = seen["out"], seen["feats"], seen["classes"]
-    scale = model.logit_scale().item()
+    scale = model.tasks["detection"].logit_scale().item()
     terms = []
     for b, (q, g) in enumerate(seen["matches"]):
         gt = samples[b]["instances"].gt_classes

@@ -215,6 +215,11 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Experts merged per segment (their softmax weights renormalised to sum to 1).
     cfg.MODEL.UNIFIED_DECODER.MOE.TOP_K = 2
 
+    # ---------------------------------------------------------------- tasks
+    # The generalist's tasks (names in unip_v2.modeling.tasks.TASK_REGISTRY), sharing one
+    # image encoder, text encoder and unified decoder; each batch holds one of them.
+    cfg.MODEL.TASKS = ["detection"]
+
     # ---------------------------------------------------------------- detection task
     # Detection and instance segmentation through class-name embeddings (UniPerceiverV2).
     cfg.MODEL.DETECTION = CN()

@@ -50,13 +50,20 @@ class Predictor(DefaultPredictor):
         else:
             self._check_name_lengths(self.class_names)
 
+    @property
+    def _detection(self):
+        """The generalist's detection task (None for a model without one, e.g. the proposal
+        network, whose predictions carry no category)."""
+        tasks = getattr(self.model, "tasks", None)
+        return tasks["detection"] if tasks is not None and "detection" in tasks else None
+
     def set_vocabulary(self, names: Sequence[str]) -> None:
-        if not hasattr(self.model, "set_test_class_names"):
+        if self._detection is None:
             raise ValueError(f"{type(self.model).__name__} has no vocabulary to replace (it "
                              f"predicts no named categories)")
         names = check_class_names(names)
         self._check_name_lengths(names)
-        self.model.set_test_class_names(names)
+        self._detection.set_test_class_names(names)
 
     def _check_name_lengths(self, names: Sequence[str]) -> None:
         # The text encoder would raise at the first image anyway; checking here fails
@@ -68,7 +75,7 @@ class Predictor(DefaultPredictor):
     @property
     def class_names(self) -> List[str]:
         """The names pred_classes index: the model's vocabulary, else DATASETS.TEST[0]'s."""
-        names = getattr(self.model, "test_class_names", None)
+        names = self._detection.test_class_names if self._detection is not None else None
         if names:
             return list(names)
         if not self.cfg.DATASETS.TEST:

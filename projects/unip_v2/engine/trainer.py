@@ -17,20 +17,26 @@ from collections import OrderedDict
 import torch
 
 from detectron2.engine import DefaultTrainer
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..data.build import build_train_loader
 from ..data.dataset_mappers import build_dataset_mapper
-from ..data.datasets import thing_classes
+from ..data.datasets.metadata import dataset_task
 from ..data.test_loader import build_test_loader
-from ..evaluation import CheckedCOCOEvaluator, ClassAgnosticCOCOEvaluator
 from ..solver import build_optimizer
 from ..utils.rng import fork_rng, get_rng_state, set_rng_state
 from .checkpointer import Checkpointer
 
 __all__ = ["Trainer"]
 
-# meta-architectures whose predictions carry no category: evaluated class-agnostically
-CLASS_AGNOSTIC_ARCHS = ("UniPerceiverV2ProposalNetwork",)
+
+def train_task(cfg) -> str:
+    """The one task of DATASETS.TRAIN (single-task training: every training dataset is for
+    the same task; several tasks are the multi-task trainer's)."""
+    tasks = {name: dataset_task(name) for name in cfg.DATASETS.TRAIN}
+    if len(set(tasks.values())) != 1:
+        raise ValueError(f"DATASETS.TRAIN must name datasets of one task, got {tasks}")
+    return next(iter(tasks.values()))
 
 
 class Trainer(DefaultTrainer):
@@ -82,26 +88,25 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True))
+        """Batches of DATASETS.TRAIN, each input naming the datasets' task."""
+        return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True,
+                                                            task=train_task(cfg)))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """The INPUT.DATASET_MAPPER_NAME mapper in test mode; images it cannot use are left
-        out, warned and counted (unip_v2.data.test_loader), not replaced by others."""
-        return build_test_loader(dataset_name, build_dataset_mapper(cfg, is_train=False),
-                                 num_workers=cfg.DATALOADER.NUM_WORKERS)
+        """The INPUT.DATASET_MAPPER_NAME mapper in test mode, each input naming the dataset's
+        task; images it cannot use are left out, warned and counted
+        (unip_v2.data.test_loader), not replaced by others."""
+        mapper = build_dataset_mapper(cfg, is_train=False, task=dataset_task(dataset_name))
+        return build_test_loader(dataset_name, mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The meta-architecture's choice: the generalist asks the task the dataset's
+        metadata names; the proposal network evaluates class-agnostically."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        tasks = ("bbox", "segm")
-        if cfg.MODEL.META_ARCHITECTURE in CLASS_AGNOSTIC_ARCHS:
-            return ClassAgnosticCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
-        # COCOEvaluator on pycocotools' COCOeval (detectron2 0.6's C++ one lives in
-        # detectron2._C, absent in the wheel-less install), with checked segm ground truth.
-        return CheckedCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        return meta_arch.build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -109,10 +114,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's test loop; a model with an open vocabulary is told each test
-        dataset's thing_classes before it is evaluated (unless
-        MODEL.DETECTION.TEST_CLASS_NAMES fixes the names), so DATASETS.TEST may hold datasets
-        with different categories (toy_shapes_val and toy_shapes_novel, say)."""
+        """detectron2's test loop, one dataset at a time; before each, the model's task for
+        that dataset takes what it needs from it (`prepare_for_dataset`: detection takes the
+        dataset's thing_classes unless MODEL.DETECTION.TEST_CLASS_NAMES fixes them), so
+        DATASETS.TEST may hold datasets with different categories (toy_shapes_val and
+        toy_shapes_novel, say) or of different tasks."""
         # Evaluation in the middle of training must not move the training's random numbers
         # (the test mapper draws from NumPy): a resumed run would otherwise diverge.
         with fork_rng():
@@ -121,14 +127,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def _test(cls, cfg, model, evaluators=None):
         core = getattr(model, "module", model)   # DistributedDataParallel wraps the model
-        if cfg.MODEL.DETECTION.TEST_CLASS_NAMES or not hasattr(core, "set_test_class_names"):
+        if not hasattr(core, "prepare_for_dataset"):
             return super().test(cfg, model, evaluators)
         if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
             raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} "
                              f"datasets in DATASETS.TEST")
         results = OrderedDict()
         for i, name in enumerate(cfg.DATASETS.TEST):
-            core.set_test_class_names(thing_classes(name))
+            core.prepare_for_dataset(name)
             one = cfg.clone()
             one.defrost()
             one.DATASETS.TEST = (name,)

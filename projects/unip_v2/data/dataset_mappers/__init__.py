@@ -6,13 +6,14 @@ Usage::
     mapper = build_dataset_mapper(cfg, is_train=True)
     loader = build_detection_train_loader(cfg, mapper=mapper)
 """
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from .coco_instance_lsj import COCOInstanceLSJDatasetMapper, build_lsj_augmentations
 
 __all__ = [
     "DATASET_MAPPERS",
     "COCOInstanceLSJDatasetMapper",
+    "TaskTaggedMapper",
     "build_dataset_mapper",
     "build_lsj_augmentations",
     "register_dataset_mapper",
@@ -36,8 +37,24 @@ def register_dataset_mapper(name: str, mapper_cls: Callable) -> None:
     DATASET_MAPPERS[name] = mapper_cls
 
 
-def build_dataset_mapper(cfg, is_train: bool = True):
-    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``.
+class TaskTaggedMapper:
+    """``mapper(d)`` with ``"task"`` added to every output it does not drop (None), so the
+    generalist hands the batch to that task. A class, not a closure: loader workers pickle
+    it."""
+
+    def __init__(self, mapper: Callable, task: str):
+        self.mapper, self.task = mapper, task
+
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict[str, Any]]:
+        out = self.mapper(dataset_dict)
+        if out is not None:
+            out["task"] = self.task
+        return out
+
+
+def build_dataset_mapper(cfg, is_train: bool = True, task: Optional[str] = None):
+    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``; with
+    ``task``, its outputs name that task (`TaskTaggedMapper`).
 
     Raises:
         ValueError: the name is not registered (the message lists the known names).
@@ -47,7 +64,8 @@ def build_dataset_mapper(cfg, is_train: bool = True):
         raise ValueError(
             f"Unknown INPUT.DATASET_MAPPER_NAME {name!r}; known: {sorted(DATASET_MAPPERS)}"
         )
-    return DATASET_MAPPERS[name](cfg, is_train=is_train)
+    mapper = DATASET_MAPPERS[name](cfg, is_train=is_train)
+    return mapper if task is None else TaskTaggedMapper(mapper, task)
 
 
 register_dataset_mapper("coco_instance_lsj", COCOInstanceLSJDatasetMapper)

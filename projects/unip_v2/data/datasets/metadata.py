@@ -4,7 +4,7 @@ from typing import List
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["thing_classes"]
+__all__ = ["dataset_task", "thing_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +33,28 @@ def thing_classes(dataset_name: str) -> List[str]:
             "loading it: register it with them (MetadataCatalog.get(name).set(thing_classes=...))"
         )
     return list(names)
+
+
+# detectron2's evaluator types of detection datasets registered without a "task" (COCO and
+# LVIS through detectron2's builtin registrations, register_coco_instances)
+_DETECTION_EVALUATOR_TYPES = ("coco", "lvis")
+
+
+def dataset_task(dataset_name: str) -> str:
+    """The task a registered dataset is for: its metadata's ``task``; a detectron2 detection
+    dataset (evaluator_type "coco" or "lvis", or thing_classes in its metadata) without one
+    is for "detection".
+
+    Raises:
+        ValueError: the metadata names no task and is not a detection dataset.
+    """
+    metadata = MetadataCatalog.get(dataset_name)
+    task = metadata.get("task")
+    if task is None and (metadata.get("evaluator_type") in _DETECTION_EVALUATOR_TYPES
+                         or metadata.get("thing_classes") is not None):
+        task = "detection"
+    if task is None:
+        raise ValueError(f"dataset {dataset_name!r} names no task: set its metadata's 'task' "
+                         f"(MetadataCatalog.get(name).set(task=...)); evaluator_type is "
+                         f"{metadata.get('evaluator_type')!r}")
+    return task

@@ -212,6 +212,13 @@ class SwinBackbone(Backbone):
                                 stride=self._out_feature_strides[name])
                 for name in self._out_features}
 
+    def weight_decay_kinds(self):
+        """For the optimiser: Swin's relative position tables and absolute position
+        embedding are embeddings (timm's SwinTransformer.no_weight_decay says the same)."""
+        return {name: "embed" for name, _ in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("relative_position_bias_table",
+                                               "absolute_pos_embed")}
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(N, in_chans, H, W) -> {name: (N, C_i, ceil(H / s_i), ceil(W / s_i))}."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:

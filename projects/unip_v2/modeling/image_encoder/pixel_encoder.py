@@ -110,6 +110,10 @@ class PixelEncoder(nn.Module):
         for conv in (self.adapter_1, self.layer_1, self.mask_features):
             weight_init.c2_xavier_fill(conv)
 
+    def weight_decay_kinds(self):
+        """For the optimiser: the level embedding is an embedding."""
+        return {"level_embed": "embed"}
+
     def forward(self, features: Dict[str, torch.Tensor],
                 padding_mask: torch.Tensor) -> PixelEncoderOutput:
         """features: backbone maps (B, C, H/s, W/s); padding_mask: (B, H, W) bool, True at

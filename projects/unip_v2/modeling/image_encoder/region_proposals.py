@@ -94,6 +94,10 @@ class GlobalTokens(nn.Module):
         self.attn = nn.MultiheadAttention(output_dim, num_heads, batch_first=True)
         self.output_dim = output_dim
 
+    def weight_decay_kinds(self):
+        """For the optimiser: the pools' learned queries are embeddings."""
+        return {"queries": "embed"}
+
     def forward(self, f3: torch.Tensor, padding_mask: torch.Tensor):
         """
         Args:

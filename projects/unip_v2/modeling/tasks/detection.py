@@ -4,13 +4,19 @@ embedding (Eq. 5); the class loss is cross-entropy over the category set (Eq. 7)
 proposals matched to ground truth; a prediction's score is objectness x class probability.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LogitScale", "class_logits", "matched_class_loss", "detection_topk"]
+from ...data.datasets.metadata import dataset_task, thing_classes
+from ...evaluation import CheckedCOCOEvaluator
+from ..image_encoder import ImageEncoderOutput, build_proposal_criterion, proposal_instances
+from .base import Task, register_task
+
+__all__ = ["DetectionTask", "LogitScale", "check_class_names", "class_logits",
+           "matched_class_loss", "detection_topk"]
 
 
 class LogitScale(nn.Module):
@@ -21,6 +27,10 @@ class LogitScale(nn.Module):
         super().__init__()
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
         self.max_scale = max_scale
+
+    def weight_decay_kinds(self):
+        """For the optimiser: never decayed (decay would pull the scale towards 1)."""
+        return {"log_scale": "none"}
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)
@@ -106,3 +116,102 @@ def detection_topk(objectness_logits: torch.Tensor, class_logits_: torch.Tensor,
     C = scores.shape[1]
     top = scores.flatten().topk(min(k, scores.numel()))
     return top.values, torch.div(top.indices, C, rounding_mode="floor"), top.indices % C
+
+
+def _first_detection_dataset(names: Sequence[str]):
+    return next((n for n in names if dataset_task(n) == "detection"), None)
+
+
+@register_task
+class DetectionTask(Task):
+    """Detection and instance segmentation through category names (COCO, toy_shapes).
+
+    Sequences: the image is [<SPE>, global tokens, regional tokens] through g; a category
+    name is [<SPE>, f_text(name)] through g (the model's TargetBank), its <SPE> output the
+    class embedding. Losses: the region proposal network's (its matcher and criterion live
+    here: only detection data has boxes and masks) plus the class loss of Eq. 7, weighted by
+    MODEL.DETECTION.CLASS_LOSS_WEIGHT. Inference: (proposal, class) pairs scored by
+    objectness x class probability as detectron2 Instances; evaluated by COCO box and mask AP.
+
+    Category names: training takes the thing_classes of the first detection dataset of
+    DATASETS.TRAIN; inference MODEL.DETECTION.TEST_CLASS_NAMES, else each evaluated dataset's
+    own (`prepare_for_dataset`), else the first detection dataset of DATASETS.TEST, else the
+    training names. Any list of names works at test time (open vocabulary).
+    """
+
+    name = "detection"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.criterion = build_proposal_criterion(cfg)
+        self.logit_scale = LogitScale()
+        self.class_loss_weight = cfg.MODEL.DETECTION.CLASS_LOSS_WEIGHT
+        self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.fixed_test_names = bool(cfg.MODEL.DETECTION.TEST_CLASS_NAMES)
+        # thing_classes() loads a dataset whose registration left the names unset.
+        train_set = _first_detection_dataset(cfg.DATASETS.TRAIN)
+        self.train_class_names = thing_classes(train_set) if train_set else []
+        test_set = _first_detection_dataset(cfg.DATASETS.TEST)
+        test_names = list(cfg.MODEL.DETECTION.TEST_CLASS_NAMES) or (
+            thing_classes(test_set) if test_set else self.train_class_names)
+        self.test_class_names: List[str] = []
+        if test_names:
+            self.set_test_class_names(test_names)
+
+    def set_test_class_names(self, names: Sequence[str]) -> None:
+        """Replace the category names of inference (open vocabulary, no retraining): the
+        TargetBank encodes a new list once, at the next eval forward. pred_classes index
+        into ``names``."""
+        self.test_class_names = check_class_names(names)
+
+    def prepare_for_dataset(self, dataset_name: str) -> None:
+        """The dataset's own thing_classes become the test names, unless
+        MODEL.DETECTION.TEST_CLASS_NAMES fixes them."""
+        if not self.fixed_test_names:
+            self.set_test_class_names(thing_classes(dataset_name))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name: str, output_dir: str):
+        # COCOEvaluator on pycocotools' COCOeval (detectron2 0.6's C++ one lives in
+        # detectron2._C, absent in the wheel-less install), with checked segm ground truth.
+        return CheckedCOCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_dir,
+                                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    def region_features(self, model, out: ImageEncoderOutput) -> torch.Tensor:
+        """(B, O, width): g's outputs at the regional tokens of [<SPE>, global, regional]."""
+        tokens = model.decode_image(out).tokens
+        return tokens[:, tokens.shape[1] - out.regional_tokens.shape[1]:]
+
+    def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        if not self.train_class_names:
+            raise ValueError("detection: no category names to train with (no detection "
+                             "dataset in DATASETS.TRAIN has thing_classes)")
+        images, sizes = model.preprocessor(batched_inputs)
+        targets = model.preprocessor.targets(batched_inputs, images.tensor.shape[-2:])
+        out = model.image_encoder(images.tensor, sizes, [t["boxes"] for t in targets])
+        losses, matches = self.criterion(out.rpn, targets, out.rpn["proposal_logits"],
+                                         return_matches=True)
+        logits = class_logits(self.region_features(model, out),
+                              model.target_bank(self.train_class_names), self.logit_scale())
+        gt_classes = [x["instances"].gt_classes for x in batched_inputs]
+        losses["loss_class"] = self.class_loss_weight * matched_class_loss(
+            logits, out.regional_index, matches, gt_classes)
+        return losses
+
+    def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
+        if not self.test_class_names:
+            raise ValueError("detection: no category names for inference: set "
+                             "MODEL.DETECTION.TEST_CLASS_NAMES or DATASETS.TEST, or call "
+                             "set_test_class_names()")
+        images, sizes = model.preprocessor(batched_inputs)
+        canvas = images.tensor.shape[-2:]
+        out = model.image_encoder(images.tensor, sizes)
+        logits = class_logits(self.region_features(model, out),
+                              model.target_bank(self.test_class_names), self.logit_scale())
+        results = []
+        for b, x in enumerate(batched_inputs):
+            scores, proposals, classes = detection_topk(out.regional_objectness[b], logits[b],
+                                                        self.detections_per_image)
+            results.append({"instances": proposal_instances(out, b, x, canvas, proposals,
+                                                            scores, classes)})
+        return results

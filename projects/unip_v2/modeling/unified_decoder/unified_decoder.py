@@ -133,6 +133,10 @@ class UnifiedDecoder(nn.Module):
             "num_experts": c.MOE.NUM_EXPERTS, "top_k": c.MOE.TOP_K,
         }
 
+    def weight_decay_kinds(self):
+        """For the optimiser: the <SPE> token is an embedding."""
+        return {"spe": "embed"}
+
     def forward(
         self,
         segments: Sequence[Segment],
