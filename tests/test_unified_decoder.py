@@ -49,15 +49,24 @@ def test_sequence_attributes_table():
 
 # ------------------------------------------------------------------ MoE
 def test_routing_depends_only_on_attributes():
-    moe = _moe().eval()
+    """Uni-Perceiver-MoE's attribute routing: the gate sees a segment's attribute row, never
+    its tokens. Segments 0 and 1 share a row, segment 2 has another: the same token content
+    gives the same output in segments 0 and 1 (one decision, training noise included, drawn
+    once per distinct row) and another in segment 2."""
+    moe = _moe().train()
     attrs = torch.tensor([[1, 0, 0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 1.]])
-    # Segment 0 and 1 of the table: content differs, attributes the same row -> same route.
     table = torch.cat([attrs[:1], attrs[:1], attrs[1:]])
-    idx, w = moe.route(table)
-    assert torch.equal(idx[0], idx[1]) and torch.equal(w[0], w[1])
+    token = torch.randn(W)
+    x = torch.randn(1, 6, W)
+    x[0, 1] = x[0, 3] = x[0, 5] = token
+    ids = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    torch.manual_seed(4)
+    out = moe(x, ids, table)
+    torch.testing.assert_close(out[0, 1], out[0, 3])
+    assert (out[0, 1] - out[0, 5]).abs().max() > 1e-3
     # Different attribute vectors can route to different experts (fixed seed).
-    rows = _all_attribute_rows()
-    idx, _ = moe.route(rows)
+    moe.eval()
+    idx, _ = moe.gate(_all_attribute_rows())
     assert len({tuple(sorted(r)) for r in idx.tolist()}) > 1
     # Same attributes, different content: output equals the same merged FFN applied.
     x = torch.randn(2, 5, W)
@@ -74,13 +83,13 @@ def test_eval_deterministic_and_training_noisy():
     moe = _moe()
     rows = _all_attribute_rows()
     moe.eval()
-    i1, w1 = moe.route(rows)
-    i2, w2 = moe.route(rows)
+    i1, w1 = moe.gate(rows)
+    i2, w2 = moe.gate(rows)
     assert torch.equal(i1, i2) and torch.equal(w1, w2)
     assert torch.allclose(w1.sum(-1), torch.ones(len(rows)))
     moe.train()
     torch.manual_seed(1)
-    i3, w3 = moe.route(rows)
+    i3, w3 = moe.gate(rows)
     assert not torch.allclose(w3, w1)  # noise of std 1/E moved the weights
     assert moe.gate.noise_std == pytest.approx(1.0 / E)
 

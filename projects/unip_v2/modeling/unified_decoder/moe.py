@@ -123,16 +123,6 @@ class ConditionalMoEFFN(nn.Module):
         return (f"width={self.width}, ffn_dim={self.ffn_dim}, enabled={self.enabled}, "
                 f"num_experts={self.num_experts}")
 
-    def route(self, attributes: torch.Tensor):
-        """Routing of attribute rows (S, A) -> (indices (S, k), weights (S, k)).
-
-        Distinct rows are gated once, so equal rows always share a decision, noise
-        included."""
-        self._check_attributes(attributes)
-        unique_rows, inverse = torch.unique(attributes, dim=0, return_inverse=True)
-        indices, weights = self.gate(unique_rows)
-        return indices[inverse], weights[inverse]
-
     def merged_weights(self, indices: torch.Tensor, weights: torch.Tensor):
         """Per-group merged parameters from a routing (U, k) -> W1 (U, ffn, width),
         b1 (U, ffn), W2 (U, width, ffn), b2 (U, width)."""
