@@ -185,7 +185,8 @@ def _same_attention(src_state, src_prefix, src_order, dst_state, dst_prefix, dst
 # ------------------------------------------------------------------ tests
 
 def test_fake_source_has_maskdino_r50_layout(r50_source):
-    """The fake matches the real checkpoint's counts (notes section 7)."""
+    """The fake matches the counts of Mask DINO's released R50 instance-segmentation
+    checkpoint: 720 keys, 610 distinct tensors, 52,058,004 parameters."""
     assert len(r50_source) == 720
     unique = {id(v): (k, v) for k, v in r50_source.items()}
     assert len(unique) == 610
