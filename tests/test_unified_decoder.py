@@ -94,6 +94,26 @@ def test_eval_deterministic_and_training_noisy():
     assert moe.gate.noise_std == pytest.approx(1.0 / E)
 
 
+def test_training_noise_is_one_gaussian_draw_per_distinct_row():
+    """Uni-Perceiver-MoE's "vmoe" noise, training only: logits + N(0, (1/E)^2), one draw per
+    attribute row and call, softmax over all E experts, top 2 renormalised. The oracle
+    computes the clean logits in float64 from the gate's parameters and adds the same
+    torch.randn((U, E)) draw."""
+    moe = _moe().double().train()
+    rows = _all_attribute_rows().double()[torch.tensor([5, 77, 130, 255])]
+    gate = moe.gate
+    hidden = F.layer_norm(rows @ gate.tag_transform.weight.T + gate.tag_transform.bias, (W,),
+                          gate.tag_norm.weight, gate.tag_norm.bias)
+    clean = hidden @ gate.wg.weight.T                                     # (4, E)
+    torch.manual_seed(9)
+    idx, w = gate(rows)
+    torch.manual_seed(9)
+    probs = (clean + torch.randn(4, E, dtype=torch.float64) / E).softmax(-1)
+    top = probs.topk(2, dim=-1)
+    assert torch.equal(idx, top.indices)
+    torch.testing.assert_close(w, top.values / top.values.sum(-1, keepdim=True))
+
+
 def test_merged_weights_equal_explicit_per_token_mixture():
     """Key correctness test: merging expert weights per segment equals, token by token,
     mixing the two selected experts' outputs of each Linear (fc1 and fc2 share the
