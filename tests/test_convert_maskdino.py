@@ -1,4 +1,5 @@
-"""tools/convert_maskdino.py: a Mask DINO checkpoint onto unip-v2's image encoder.
+"""unip_v2.checkpoint.maskdino and its command line tools/convert_maskdino.py: a Mask DINO
+checkpoint onto unip-v2's image encoder.
 
 The sources are fake Mask DINO state dicts with the real key names and shapes of
 IDEA-Research/MaskDINO's released checkpoints and random
@@ -19,6 +20,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
+from unip_v2.checkpoint import maskdino as cm
 from unip_v2.layers import MSDeformAttn
 
 from tools_loader import load_tool
@@ -29,7 +31,7 @@ PIX, PRED = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 IE = "image_encoder."
 
 
-cm = load_tool("convert_maskdino")
+cli = load_tool("convert_maskdino")  # the command line; the library is `cm`
 
 
 # ------------------------------------------------------------------ fake Mask DINO
@@ -183,7 +185,8 @@ def _same_attention(src_state, src_prefix, src_order, dst_state, dst_prefix, dst
 # ------------------------------------------------------------------ tests
 
 def test_fake_source_has_maskdino_r50_layout(r50_source):
-    """The fake matches the real checkpoint's counts (notes section 7)."""
+    """The fake matches the counts of Mask DINO's released R50 instance-segmentation
+    checkpoint: 720 keys, 610 distinct tensors, 52,058,004 parameters."""
     assert len(r50_source) == 720
     unique = {id(v): (k, v) for k, v in r50_source.items()}
     assert len(unique) == 610
@@ -197,8 +200,8 @@ def test_r50_cli_output_loads_with_no_missing_keys(tmp_path, r50_model, r50_sour
     src_path, out_path = str(tmp_path / "maskdino_r50.pth"), str(tmp_path / "out" / "conv.pth")
     report_path = str(tmp_path / "report.json")
     torch.save({"model": r50_source, "iteration": 368749}, src_path)
-    report = cm.main(["--config-file", R50_CONFIG, "--input", src_path, "--output", out_path,
-                      "--report-json", report_path])
+    report = cli.main(["--config-file", R50_CONFIG, "--input", src_path, "--output", out_path,
+                       "--report-json", report_path])
     printed = capsys.readouterr().out
     assert "criterion.empty_weight" in printed and "two-stage anchors differ" in printed
 
@@ -296,7 +299,7 @@ def test_decoder_layer_choice_fresh_class_head_and_alias_mismatch(r50_model, r50
     source = dict(r50_source)
     changed = PRED + "bbox_embed.3.layers.0.weight"
     source[changed] = source[changed] + 1
-    with caplog.at_level(logging.WARNING, logger="unip_v2.convert_maskdino"):
+    with caplog.at_level(logging.WARNING, logger="unip_v2.checkpoint.maskdino"):
         state, report = cm.convert_maskdino(source, r50_model, decoder_layers="0,2,4,6,7,8",
                                             class_head="fresh")
     assert any(changed in w for w in report["warnings"]) and changed in caplog.text
@@ -414,11 +417,11 @@ def test_wrong_files_give_clear_errors(tmp_path, r50_model, r50_source):
     path = str(tmp_path / "random.pth")
     torch.save({"layer.weight": torch.zeros(3, 3), "step": 3}, path)
     with pytest.raises(ValueError, match="not a Mask DINO checkpoint"):
-        cm.main(["--config-file", R50_CONFIG, "--input", path, "--output", str(tmp_path / "o.pth")])
+        cli.main(["--config-file", R50_CONFIG, "--input", path, "--output", str(tmp_path / "o.pth")])
     assert not os.path.exists(tmp_path / "o.pth")
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        cm.main(["--config-file", R50_CONFIG, "--input", str(tmp_path / "nowhere.pth"),
-                 "--output", str(tmp_path / "o.pth")])
+        cli.main(["--config-file", R50_CONFIG, "--input", str(tmp_path / "nowhere.pth"),
+                  "--output", str(tmp_path / "o.pth")])
     odd = dict(r50_source)
     odd[PIX + "transformer.level_embed"] = torch.zeros(5, 256)
     with pytest.raises(ValueError, match="level_embed has 5 levels"):

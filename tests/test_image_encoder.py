@@ -93,9 +93,8 @@ def test_output_shapes_odd_sizes_with_padding(backbone):
     # image 0 (97 x 131) covers 4 x 5 of the 4 x 5 stride-32 cells; image 1 (120 x 75) 4 x 3
     assert int(out.global_padding_mask[0].sum()) == 0
     assert int(out.global_padding_mask[1].sum()) == 4 * 2
-    tokens, mask = out.f_image()
-    assert tokens.shape == (2, G + O, D) and mask.shape == (2, G + O)
-    assert torch.isfinite(tokens).all() and torch.isfinite(out.regional_boxes).all()
+    assert torch.isfinite(out.global_tokens).all() and torch.isfinite(out.regional_tokens).all()
+    assert torch.isfinite(out.regional_boxes).all()
     # boxes are relative to each image's own extent
     assert (out.regional_boxes >= 0).all() and (out.regional_boxes[..., :2] <= 1).all()
 
@@ -158,9 +157,10 @@ def test_gradients_reach_every_trainable_parameter():
     targets = model.prepare_targets(batch, images.tensor.shape[-2:])
     out = model.image_encoder(images.tensor, sizes, [t["boxes"] for t in targets])
     losses = model.criterion(out.rpn, targets, out.rpn["proposal_logits"])
-    # global and regional tokens feed the unified decoder (later issues): a stand-in loss
-    tokens, _ = out.f_image()
-    total = sum(losses.values()) + tokens.square().mean()
+    # global and regional tokens (Eq. 1's f_image output) feed the unified decoder: a
+    # stand-in loss on both
+    total = (sum(losses.values()) + out.global_tokens.square().mean()
+             + out.regional_tokens.square().mean())
     total.backward()
     missing = [n for n, p in model.named_parameters()
                if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -474,7 +474,7 @@ def test_mask_logits_at_points_equal_sampling_the_full_masks():
     coords = torch.rand(2, 40, 2, generator=g)
     full = ProposalDecoder.masks_from_embed(embed, feats)                  # (2, 5, 9, 11)
     assert torch.allclose(mask_logits_at_points(embed, feats, coords),
-                          point_sample(full, coords), atol=1e-5)
+                          point_sample(full, coords, align_corners=False), atol=1e-5)
     masks = torch.zeros(3, 4, 8, dtype=torch.bool)
     masks[1, 1:3, 2:6] = True
     pts = torch.tensor([[[0.3, 0.4], [0.9, 0.4], [0.26, 0.26], [0.24, 0.5]]])  # (x, y)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train or evaluate a unip-v2 model with detectron2's engine.
+r"""Train or evaluate a unip-v2 model with detectron2's engine.
 
     python tools/train_net.py --config-file configs/toy/uni_perceiver_v2_R50_tiny.yaml
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file configs/toy/uni_perceiver_v2_R50_tiny.yaml \
+        --eval-only MODEL.WEIGHTS output/toy_uni_perceiver_v2/model_final.pth
     python tools/train_net.py --config-file ... --resume      # continue from the last checkpoint
     python tools/train_net.py --config-file ... --overwrite   # new run in a used OUTPUT_DIR
     python tools/train_net.py --config-file ... --num-gpus N  # one process per GPU (untested yet)

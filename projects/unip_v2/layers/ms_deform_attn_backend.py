@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "compiled_ops", "compiled_ops_error", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "compiled_ops", "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 ENV_VAR = "UNIP_V2_MSDA_BACKEND"
@@ -39,11 +39,6 @@ _warned = set()
 def compiled_ops():
     """The `unip_v2._C` extension module, or None when it could not be imported."""
     return _compiled
-
-
-def compiled_ops_error() -> Optional[BaseException]:
-    """Why `unip_v2._C` could not be imported (None when it was)."""
-    return _compiled_error
 
 
 def _has_compiled(device_type: str) -> bool:

@@ -108,7 +108,7 @@ class ProposalCriterion(nn.Module):
             coords = uncertain_point_coords(masks.detach(), self.num_points, self.oversample_ratio,
                                             self.importance_sample_ratio,
                                             group_sizes=[n for n in counts if n])  # (M, P, 2)
-        logits = point_sample(masks, coords)[:, 0]
+        logits = point_sample(masks, coords, align_corners=False)[:, 0]
         labels = torch.cat([sample_binary_masks(t["masks"], g.to(t["masks"].device),
                                                 c.to(t["masks"].device))
                             for t, (_, g), c in zip(targets, indices, coords.split(counts))])

@@ -1,7 +1,7 @@
 """Deformable transformer layers of the region proposal network (Table 7).
 
 Both are post-norm, ReLU FFN, as in Deformable DETR / Mask DINO. Parameter names follow
-Mask DINO so that tools/convert_maskdino.py maps checkpoints by renaming prefixes only.
+Mask DINO so that unip_v2.checkpoint.maskdino maps checkpoints by renaming prefixes only.
 """
 from typing import Optional
 

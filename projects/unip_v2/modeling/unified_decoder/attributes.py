@@ -30,11 +30,12 @@ Examples (rows as b0..b7):
     caption input [SPE, global, region, words]: words 00111101
 """
 from enum import IntEnum
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["ATTRIBUTE_DIM", "AttributeBit", "SegmentKind", "sequence_attributes"]
+__all__ = ["ATTRIBUTE_DIM", "AttributeBit", "SegmentKind", "attribute_rows",
+           "sequence_attributes"]
 
 
 class SegmentKind(IntEnum):
@@ -69,20 +70,21 @@ _KIND_BITS = {
 }
 
 
-def sequence_attributes(
+def attribute_rows(
     kinds: Sequence[SegmentKind],
     causal: Sequence[bool],
     is_target: bool,
-    device=None,
-) -> torch.Tensor:
-    """Attribute rows of one sequence [<SPE>, segment_0, ..., segment_{n-1}].
+) -> List[Tuple[float, ...]]:
+    """Attribute rows of one sequence [<SPE>, segment_0, ..., segment_{n-1}], as Python
+    tuples: the decoder plans its MoE routing from them on the host, without reading a
+    tensor back from the device.
 
     Args:
         kinds: n segment kinds, in sequence order (n >= 1).
         causal: n flags; True marks causal text (only allowed for TEXT segments).
         is_target: whether the sequence encodes a target rather than an input.
     Returns:
-        float tensor (1 + n, ATTRIBUTE_DIM) of 0/1; row 0 is <SPE>, row i+1 segment i.
+        1 + n tuples of ATTRIBUTE_DIM floats 0.0 / 1.0; row 0 is <SPE>, row i+1 segment i.
     """
     if len(kinds) == 0:
         raise ValueError("a sequence needs at least one segment besides <SPE>")
@@ -93,12 +95,26 @@ def sequence_attributes(
         if is_causal and kind != SegmentKind.TEXT:
             raise ValueError(f"only TEXT segments can be causal, got causal {kind.name}")
 
-    attributes = torch.zeros(1 + len(kinds), ATTRIBUTE_DIM, device=device)
     # Sequence-level bits are shared by every row, <SPE> included.
+    shared = [0.0] * ATTRIBUTE_DIM
     for kind in kinds:
-        attributes[:, _KIND_BITS[kind][1]] = 1.0
-    attributes[:, AttributeBit.TARGET] = float(is_target)
-    for row, (kind, is_causal) in enumerate(zip(kinds, causal), start=1):
-        attributes[row, _KIND_BITS[kind][0]] = 1.0
-        attributes[row, AttributeBit.CAUSAL_TEXT] = float(is_causal)
-    return attributes
+        shared[_KIND_BITS[kind][1]] = 1.0
+    shared[AttributeBit.TARGET] = float(is_target)
+    rows = [tuple(shared)]
+    for kind, is_causal in zip(kinds, causal):
+        row = list(shared)
+        row[_KIND_BITS[kind][0]] = 1.0
+        row[AttributeBit.CAUSAL_TEXT] = float(is_causal)
+        rows.append(tuple(row))
+    return rows
+
+
+def sequence_attributes(
+    kinds: Sequence[SegmentKind],
+    causal: Sequence[bool],
+    is_target: bool,
+    device=None,
+) -> torch.Tensor:
+    """attribute_rows as a float tensor (1 + n, ATTRIBUTE_DIM) of 0/1 on `device`."""
+    return torch.tensor(attribute_rows(kinds, causal, is_target), dtype=torch.float32,
+                        device=device)

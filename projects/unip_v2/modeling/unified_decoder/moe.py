@@ -9,36 +9,68 @@ no capacity, no token dropping. fc1 and fc2 share the decision. As in Uni-Percei
 the merge is per Linear, so the FFN computes W2_mix GELU(W1_mix x + b1_mix) + b2_mix,
 which is *not* sum_k g_k FFN_{e_k}(x).
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttributeGate", "ConditionalMoEFFN", "TokenGroups", "group_tokens"]
+__all__ = ["AttributeGate", "ConditionalMoEFFN", "RoutingPlan", "group_tokens", "plan_routing"]
 
 
-class TokenGroups(NamedTuple):
+class RoutingPlan(NamedTuple):
     """Tokens grouped by their segment's distinct attribute row: segments with equal
-    attributes share a decision, so they share one merged FFN. Every MoE layer of one forward
-    uses the same grouping (the decoder computes it once, not once per layer; each layer still
-    gates the rows with its own parameters).
+    attributes share a decision, so they share one merged FFN. Every MoE layer of one
+    decoder call uses the same plan: the decoder builds it once (plan_routing), not once per
+    layer; each layer still gates the rows with its own parameters.
 
-    unique_rows (U, A): the distinct attribute rows; order (N,): indices of the flattened
-    (B*L) tokens sorted by group, stable; counts: tokens per group (U ints).
+    unique_rows (U, A): the distinct attribute rows, in lexicographic order (as
+    torch.unique(dim=0) sorts them; the gate's training noise is drawn in this order);
+    order (N,): indices of the flattened (B*L) tokens sorted by group, stable;
+    counts: tokens per group (U Python ints, summing to N).
     """
     unique_rows: torch.Tensor
     order: torch.Tensor
     counts: List[int]
 
 
-def group_tokens(segment_ids: torch.Tensor, attributes: torch.Tensor) -> TokenGroups:
-    """segment_ids (B, L) integer, attributes (S, A) -> TokenGroups."""
+def plan_routing(rows: Sequence[Sequence[float]], lengths: Sequence[int], batch: int,
+                 device=None) -> RoutingPlan:
+    """The routing plan of B sequences that share one segment layout, from host values: no
+    tensor is read back from the device (no torch.unique, no .tolist()), so a decoder call
+    on a GPU costs no synchronisation for its routing.
+
+    Args:
+        rows: the S segments' attribute rows (Python numbers, e.g. attributes.attribute_rows).
+        lengths: the S segments' token counts; the sequence has L = sum(lengths) tokens,
+            segment s at positions sum(lengths[:s]) ... in every one of the `batch` rows.
+    """
+    if len(rows) != len(lengths) or len(rows) == 0:
+        raise ValueError(f"plan_routing: {len(rows)} attribute rows for {len(lengths)} "
+                         f"segment lengths")
+    keys = [tuple(float(v) for v in row) for row in rows]
+    distinct = sorted(set(keys))
+    group_of_segment = [distinct.index(k) for k in keys]
+    counts = [0] * len(distinct)
+    for group, n in zip(group_of_segment, lengths):
+        counts[group] += batch * int(n)
+    length = sum(int(n) for n in lengths)
+    group = torch.repeat_interleave(torch.tensor(group_of_segment, device=device),
+                                    torch.tensor(list(lengths), device=device),
+                                    output_size=length)      # (L,); output_size: no sync
+    order = torch.argsort(group.expand(batch, length).reshape(-1), stable=True)
+    return RoutingPlan(torch.tensor(distinct, device=device), order, counts)
+
+
+def group_tokens(segment_ids: torch.Tensor, attributes: torch.Tensor) -> RoutingPlan:
+    """The plan of arbitrary segment_ids (B, L) integer and attributes (S, A), read from
+    tensors (torch.unique and .tolist() wait for the device): what ConditionalMoEFFN uses
+    when called without a plan. The decoder uses plan_routing."""
     unique_rows, row_of_segment = torch.unique(attributes, dim=0, return_inverse=True)
     group = row_of_segment[segment_ids.reshape(-1)]  # (B*L,)
     order = torch.argsort(group, stable=True)
     counts = torch.bincount(group, minlength=unique_rows.shape[0]).tolist()
-    return TokenGroups(unique_rows, order, counts)
+    return RoutingPlan(unique_rows, order, counts)
 
 
 class AttributeGate(nn.Module):
@@ -123,16 +155,6 @@ class ConditionalMoEFFN(nn.Module):
         return (f"width={self.width}, ffn_dim={self.ffn_dim}, enabled={self.enabled}, "
                 f"num_experts={self.num_experts}")
 
-    def route(self, attributes: torch.Tensor):
-        """Routing of attribute rows (S, A) -> (indices (S, k), weights (S, k)).
-
-        Distinct rows are gated once, so equal rows always share a decision, noise
-        included."""
-        self._check_attributes(attributes)
-        unique_rows, inverse = torch.unique(attributes, dim=0, return_inverse=True)
-        indices, weights = self.gate(unique_rows)
-        return indices[inverse], weights[inverse]
-
     def merged_weights(self, indices: torch.Tensor, weights: torch.Tensor):
         """Per-group merged parameters from a routing (U, k) -> W1 (U, ffn, width),
         b1 (U, ffn), W2 (U, width, ffn), b2 (U, width)."""
@@ -144,30 +166,39 @@ class ConditionalMoEFFN(nn.Module):
         return w1, b1, w2, b2
 
     def forward(
-        self, x: torch.Tensor, segment_ids: torch.Tensor, attributes: torch.Tensor,
-        groups: Optional[TokenGroups] = None,
+        self, x: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+        attributes: Optional[torch.Tensor] = None, plan: Optional[RoutingPlan] = None,
     ) -> torch.Tensor:
         """
         Args:
             x: token features (B, L, width).
             segment_ids: (B, L) integer; token (b, l) belongs to segment segment_ids[b, l].
             attributes: (S, attribute_dim) routing attributes of the S segments.
-            groups: group_tokens(segment_ids, attributes), when the caller already has it.
+            plan: the routing plan of x's tokens (plan_routing), instead of segment_ids and
+                attributes: nothing is then read back from the device.
+            A dense FFN (enabled=False) needs neither (and checks them when given).
         Returns:
             (B, L, width).
         """
-        self._check_inputs(x, segment_ids, attributes)
+        if plan is not None:
+            self._check_plan(x, plan)
+        elif segment_ids is not None and attributes is not None:
+            self._check_inputs(x, segment_ids, attributes)
+        elif self.enabled:
+            raise ValueError("ConditionalMoEFFN needs segment_ids and attributes, or a plan")
+        else:
+            self._check_x(x)
         if not self.enabled:
             return self.fc2(F.gelu(self.fc1(x)))
 
-        if groups is None:
-            groups = group_tokens(segment_ids, attributes)
-        indices, weights = self.gate(groups.unique_rows)
+        if plan is None:
+            plan = group_tokens(segment_ids, attributes)
+        indices, weights = self.gate(plan.unique_rows)
         w1, b1, w2, b2 = self.merged_weights(indices, weights)
 
         flat = x.reshape(-1, self.width)
         # Tokens sorted by group once, one dense FFN per contiguous group, unsorted once.
-        order, counts = groups.order, groups.counts
+        order, counts = plan.order, plan.counts
         chunks = flat[order].split(counts)
         outputs = [
             F.linear(F.gelu(F.linear(chunk, w1[u], b1[u])), w2[u], b2[u])
@@ -182,9 +213,22 @@ class ConditionalMoEFFN(nn.Module):
                 f"attributes must have shape (S, {self.attribute_dim}), "
                 f"got {tuple(attributes.shape)}")
 
-    def _check_inputs(self, x, segment_ids, attributes) -> None:
+    def _check_x(self, x) -> None:
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise ValueError(f"x must have shape (B, L, {self.width}), got {tuple(x.shape)}")
+
+    def _check_plan(self, x, plan: RoutingPlan) -> None:
+        """Shapes only (host values): a plan is consistent by construction."""
+        self._check_x(x)
+        self._check_attributes(plan.unique_rows)
+        if plan.order.shape != (x.shape[0] * x.shape[1],) or len(plan.counts) != len(
+                plan.unique_rows) or sum(plan.counts) != plan.order.shape[0]:
+            raise ValueError(
+                f"the routing plan ({plan.order.shape[0]} tokens in {len(plan.counts)} groups "
+                f"of {plan.counts}) does not fit x of shape {tuple(x.shape)}")
+
+    def _check_inputs(self, x, segment_ids, attributes) -> None:
+        self._check_x(x)
         if segment_ids.shape != x.shape[:2]:
             raise ValueError(
                 f"segment_ids must have shape (B, L) = {tuple(x.shape[:2])}, "

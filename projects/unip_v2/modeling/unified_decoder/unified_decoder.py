@@ -18,8 +18,8 @@ from detectron2.config import configurable
 from timm.layers import DropPath
 from torch import nn
 
-from .attributes import ATTRIBUTE_DIM, SegmentKind, sequence_attributes
-from .moe import ConditionalMoEFFN, group_tokens
+from .attributes import ATTRIBUTE_DIM, SegmentKind, attribute_rows
+from .moe import ConditionalMoEFFN, RoutingPlan, plan_routing
 
 __all__ = ["DecoderOutput", "Segment", "UnifiedDecoder"]
 
@@ -87,11 +87,11 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, allowed, segment_ids, attributes, groups=None):
-        """groups: the MoE token groups of this sequence (moe.group_tokens), shared by all
-        layers of one forward."""
+    def forward(self, x, allowed, plan: Optional[RoutingPlan]):
+        """plan: the MoE routing plan of this sequence (moe.plan_routing), shared by all
+        layers of one decoder call; None for a dense FFN."""
         x = x + self.drop_path(self.dropout(self.attn(self.norm1(x), allowed)))
-        ffn_out = self.ffn(self.norm2(x), segment_ids, attributes, groups)
+        ffn_out = self.ffn(self.norm2(x), plan=plan)
         return x + self.drop_path(self.dropout(ffn_out))
 
 
@@ -152,7 +152,7 @@ class UnifiedDecoder(nn.Module):
         Returns:
             DecoderOutput(spe (B, width), tokens (B, L, width), padding_mask (B, L)).
         """
-        tokens, padding_mask, segment_ids, attributes = self._assemble(segments, is_target)
+        tokens, padding_mask, rows, lengths = self._assemble(segments, is_target)
         b, length, _ = tokens.shape
         # Padded keys are never attended to; <SPE> is never padded, so no row is empty.
         allowed = (~padding_mask)[:, None, None, :]
@@ -162,19 +162,19 @@ class UnifiedDecoder(nn.Module):
                     f"attn_mask must be bool of shape (L, L) = ({length}, {length}), got "
                     f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
             allowed = allowed & ~attn_mask
-        segment_ids = segment_ids.expand(b, length)
-        # tokens grouped by routing attributes once for all layers (each gates on its own)
-        groups = (group_tokens(segment_ids, attributes)
-                  if self.layers and self.layers[0].ffn.enabled else None)
+        # Tokens grouped by routing attributes once for all layers (each layer gates the
+        # distinct rows with its own parameters), from host values: no device sync.
+        plan = (plan_routing(rows, lengths, b, device=tokens.device)
+                if self.layers and self.layers[0].ffn.enabled else None)
         x = tokens
         for layer in self.layers:
-            x = layer(x, allowed, segment_ids, attributes, groups)
+            x = layer(x, allowed, plan)
         x = self.norm(x).masked_fill(padding_mask[..., None], 0.0)
         return DecoderOutput(x[:, 0], x, padding_mask)
 
     def _assemble(self, segments: Sequence[Segment], is_target: bool):
-        """-> tokens (B, L, width), padding_mask (B, L), segment_ids (1, L) long,
-        attributes (1 + n, ATTRIBUTE_DIM); segment id 0 is <SPE>."""
+        """-> tokens (B, L, width), padding_mask (B, L), the 1 + n routing attribute rows
+        (attributes.attribute_rows, <SPE> first) and the 1 + n segment lengths."""
         if len(segments) == 0:
             raise ValueError("UnifiedDecoder needs at least one segment")
         batch = segments[0].tokens.shape[0] if segments[0].tokens.dim() == 3 else None
@@ -204,9 +204,6 @@ class UnifiedDecoder(nn.Module):
         tokens = torch.cat([spe] + parts, dim=1)
         padding_mask = torch.cat(
             [torch.zeros(batch, 1, dtype=torch.bool, device=device)] + pads, dim=1)
-        segment_ids = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device),
-            torch.tensor(lengths, device=device))[None]
-        attributes = sequence_attributes(
-            [s.kind for s in segments], [s.causal for s in segments], is_target, device=device)
-        return tokens, padding_mask, segment_ids, attributes
+        rows = attribute_rows([s.kind for s in segments], [s.causal for s in segments],
+                              is_target)
+        return tokens, padding_mask, rows, lengths
