@@ -229,6 +229,20 @@ def add_unip_v2_config(cfg: CN) -> None:
     # vocabulary); [] = the dataset's names.
     cfg.MODEL.DETECTION.TEST_CLASS_NAMES = []
 
+    # ---------------------------------------------------------------- classification task
+    # Image classification: the image's <SPE> output against the class names (Sec. 4.3).
+    cfg.MODEL.CLASSIFICATION = CN()
+    # w_k, the weight of the classification loss.
+    cfg.MODEL.CLASSIFICATION.LOSS_WEIGHT = 1.0
+    # Label smoothing of the cross-entropy (0.1 in Uni-Perceiver's classification losses).
+    cfg.MODEL.CLASSIFICATION.LABEL_SMOOTHING = 0.1
+    # Side of the square input (224 px for R50, 384 for Swin in the paper).
+    cfg.MODEL.CLASSIFICATION.IMAGE_SIZE = 224
+    # Area fraction range of the training random resized crop.
+    cfg.MODEL.CLASSIFICATION.CROP_SCALE = [0.08, 1.0]
+    # Inference: shorter side resized to IMAGE_SIZE / TEST_CROP_RATIO, centre crop.
+    cfg.MODEL.CLASSIFICATION.TEST_CROP_RATIO = 0.875
+
     # ---------------------------------------------------------------- input
     # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
     # fixed-size crop, boxes recomputed from the cropped masks).

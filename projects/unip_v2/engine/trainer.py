@@ -20,14 +20,22 @@ from detectron2.engine import DefaultTrainer
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..data.build import build_train_loader
-from ..data.dataset_mappers import build_dataset_mapper
+from ..data.dataset_mappers import TaskTaggedMapper
 from ..data.datasets.metadata import dataset_task
 from ..data.test_loader import build_test_loader
+from ..modeling.tasks import TASK_REGISTRY
 from ..solver import build_optimizer
 from ..utils.rng import fork_rng, get_rng_state, set_rng_state
 from .checkpointer import Checkpointer
 
 __all__ = ["Trainer"]
+
+
+def task_mapper(cfg, task: str, is_train: bool) -> TaskTaggedMapper:
+    """The mapper of a task's datasets, its outputs naming the task."""
+    if task not in TASK_REGISTRY:
+        raise ValueError(f"no registered task {task!r} (known: {sorted(TASK_REGISTRY)})")
+    return TaskTaggedMapper(TASK_REGISTRY[task].build_dataset_mapper(cfg, is_train), task)
 
 
 def train_task(cfg) -> str:
@@ -88,16 +96,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Batches of DATASETS.TRAIN, each input naming the datasets' task."""
-        return build_train_loader(cfg, build_dataset_mapper(cfg, is_train=True,
-                                                            task=train_task(cfg)))
+        """Batches of DATASETS.TRAIN through their task's mapper, each input naming the
+        task."""
+        return build_train_loader(cfg, task_mapper(cfg, train_task(cfg), is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """The INPUT.DATASET_MAPPER_NAME mapper in test mode, each input naming the dataset's
-        task; images it cannot use are left out, warned and counted
-        (unip_v2.data.test_loader), not replaced by others."""
-        mapper = build_dataset_mapper(cfg, is_train=False, task=dataset_task(dataset_name))
+        """The dataset's task's mapper in test mode, each input naming the task; images it
+        cannot use are left out, warned and counted (unip_v2.data.test_loader), not replaced
+        by others."""
+        mapper = task_mapper(cfg, dataset_task(dataset_name), is_train=False)
         return build_test_loader(dataset_name, mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod

@@ -8,10 +8,12 @@ Usage::
 """
 from typing import Any, Callable, Dict, Optional
 
+from .classification import ClassificationDatasetMapper
 from .coco_instance_lsj import COCOInstanceLSJDatasetMapper, build_lsj_augmentations
 
 __all__ = [
     "DATASET_MAPPERS",
+    "ClassificationDatasetMapper",
     "COCOInstanceLSJDatasetMapper",
     "TaskTaggedMapper",
     "build_dataset_mapper",
@@ -52,9 +54,8 @@ class TaskTaggedMapper:
         return out
 
 
-def build_dataset_mapper(cfg, is_train: bool = True, task: Optional[str] = None):
-    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``; with
-    ``task``, its outputs name that task (`TaskTaggedMapper`).
+def build_dataset_mapper(cfg, is_train: bool = True):
+    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``.
 
     Raises:
         ValueError: the name is not registered (the message lists the known names).
@@ -64,8 +65,8 @@ def build_dataset_mapper(cfg, is_train: bool = True, task: Optional[str] = None)
         raise ValueError(
             f"Unknown INPUT.DATASET_MAPPER_NAME {name!r}; known: {sorted(DATASET_MAPPERS)}"
         )
-    mapper = DATASET_MAPPERS[name](cfg, is_train=is_train)
-    return mapper if task is None else TaskTaggedMapper(mapper, task)
+    return DATASET_MAPPERS[name](cfg, is_train=is_train)
 
 
 register_dataset_mapper("coco_instance_lsj", COCOInstanceLSJDatasetMapper)
+register_dataset_mapper("classification", ClassificationDatasetMapper)

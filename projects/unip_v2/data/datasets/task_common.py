@@ -117,6 +117,10 @@ def class_names(dataset_name: str) -> List[str]:
     which is read here (only that file, not the image tree) and cached in the metadata.
     """
     meta = MetadataCatalog.get(dataset_name)
+    if "class_names" not in meta.__dict__ and "thing_classes" in meta.__dict__:
+        # detectron2's Metadata.set(class_names=...) stores them as thing_classes (an old
+        # alias), so a dataset registered that way has its names there
+        return list(meta.thing_classes)
     if "class_names" not in meta.__dict__:
         class_list_file = meta.get("class_list_file")
         if class_list_file is None:

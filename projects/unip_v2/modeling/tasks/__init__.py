@@ -9,6 +9,7 @@ from .base import (
     register_task,
     task_of_batch,
 )
+from .classification import ClassificationTask
 from .detection import (
     DetectionTask,
     LogitScale,
@@ -18,6 +19,6 @@ from .detection import (
     matched_class_loss,
 )
 
-__all__ = ["DetectionTask", "LogitScale", "TASK_REGISTRY", "Task", "build_tasks",
+__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "TASK_REGISTRY", "Task", "build_tasks",
            "check_class_names", "class_logits", "detection_topk", "evaluator_for_dataset",
            "matched_class_loss", "register_task", "task_of_batch"]

@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence, Type
 import torch
 from torch import nn
 
+from ...data.dataset_mappers import build_dataset_mapper
 from ...data.datasets.metadata import dataset_task
 
 __all__ = ["TASK_REGISTRY", "Task", "build_tasks", "evaluator_for_dataset", "register_task",
@@ -68,6 +69,11 @@ class Task(nn.Module):
     def build_evaluator(cls, cfg, dataset_name: str, output_dir: str):
         """The evaluator of one dataset of this task."""
         raise NotImplementedError(f"{cls.__name__} does not implement build_evaluator()")
+
+    @classmethod
+    def build_dataset_mapper(cls, cfg, is_train: bool):
+        """The mapper of this task's datasets. Default: INPUT.DATASET_MAPPER_NAME's."""
+        return build_dataset_mapper(cfg, is_train=is_train)
 
 
 def build_tasks(cfg) -> nn.ModuleDict:
