@@ -20,10 +20,10 @@ from .captions import (
     register_flickr30k,
     write_caption_json,
 )
-from .imagenet import load_image_folder, load_image_labels_json, read_class_list, register_imagenet
+from .imagenet import load_image_folder, load_image_labels_json, register_imagenet
 from .metadata import thing_classes
 from .streams import TextCorpus, WebDatasetPairs, register_text_corpus, register_webdataset_pairs
-from .task_common import TASKS, SkipCounter, class_names, register_task_dataset
+from .task_common import TASKS, SkipCounter, class_names, read_class_list, register_task_dataset
 from .toy_shapes import (
     GENERATOR_VERSION,
     TOY_SHAPES_CATEGORIES,

@@ -24,13 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.utils.file_io import PathManager
 
-from .task_common import SkipCounter, register_task_dataset, set_metadata
+from .task_common import SkipCounter, read_class_list, register_task_dataset, set_metadata
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "load_image_folder",
     "load_image_labels_json",
-    "read_class_list",
     "register_imagenet",
 ]
 
@@ -39,32 +38,6 @@ logger = logging.getLogger(__name__)
 # torchvision's ImageFolder extensions (compared lower-cased: ImageNet's are ".JPEG").
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CLASS_LIST_FILE = "LOC_synset_mapping.txt"
-
-
-def read_class_list(path: str) -> List[Tuple[str, str]]:
-    """[(folder name, class name)] from a class list file, in label order.
-
-    Format: one class a line, ``<folder> <names>``, where ``<names>`` is a comma-separated
-    list whose first entry is the class name (``n01440764 tench, Tinca tinca`` -> folder
-    "n01440764", name "tench"); a line with only a folder names the class after the folder.
-    Blank lines are ignored; a folder listed twice is an error.
-    """
-    classes: List[Tuple[str, str]] = []
-    with PathManager.open(path, "r") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            folder, _, names = line.partition(" ")
-            name = names.split(",")[0].strip() or folder
-            classes.append((folder, name))
-    folders = [c[0] for c in classes]
-    if len(set(folders)) != len(folders):
-        dup = sorted({f for f in folders if folders.count(f) > 1})
-        raise ValueError(f"{path}: class folder(s) listed more than once: {dup}")
-    if not classes:
-        raise ValueError(f"{path}: no classes")
-    return classes
 
 
 def load_image_folder(image_root: str, class_list_file: str,

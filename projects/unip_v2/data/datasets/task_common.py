@@ -13,12 +13,14 @@ import re
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
 
 __all__ = [
     "TASKS",
     "SkipCounter",
     "class_names",
     "expand_paths",
+    "read_class_list",
     "register_task_dataset",
     "set_metadata",
     "stream_partition",
@@ -109,6 +111,32 @@ def set_metadata(dataset_name: str, **values) -> None:
                 object.__setattr__(meta, k, value)  # not Metadata's: see the docstring
 
 
+def read_class_list(path: str) -> List[Tuple[str, str]]:
+    """[(folder name, class name)] from a class list file, in label order.
+
+    Format: one class a line, ``<folder> <names>``, where ``<names>`` is a comma-separated
+    list whose first entry is the class name (``n01440764 tench, Tinca tinca`` -> folder
+    "n01440764", name "tench"); a line with only a folder names the class after the folder.
+    Blank lines are ignored; a folder listed twice is an error.
+    """
+    classes: List[Tuple[str, str]] = []
+    with PathManager.open(path, "r") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            folder, _, names = line.partition(" ")
+            name = names.split(",")[0].strip() or folder
+            classes.append((folder, name))
+    folders = [c[0] for c in classes]
+    if len(set(folders)) != len(folders):
+        dup = sorted({f for f in folders if folders.count(f) > 1})
+        raise ValueError(f"{path}: class folder(s) listed more than once: {dup}")
+    if not classes:
+        raise ValueError(f"{path}: no classes")
+    return classes
+
+
 def class_names(dataset_name: str) -> List[str]:
     """The ``class_names`` of a classification dataset, before the dataset is loaded.
 
@@ -126,8 +154,6 @@ def class_names(dataset_name: str) -> List[str]:
         if class_list_file is None:
             raise ValueError(f"dataset {dataset_name!r} has neither class_names nor a "
                              "class_list_file in its metadata")
-        from .imagenet import read_class_list  # noqa: PLC0415  (avoids an import cycle)
-
         set_metadata(dataset_name, class_names=[n for _, n in read_class_list(class_list_file)])
     return list(meta.class_names)
 
