@@ -1,12 +1,15 @@
 """The task interface of the generalist: tasks built by name from MODEL.TASKS, every batch
 handed to the one task it names, datasets naming their task (and so their evaluator),
 parameters keeping one name whatever the tasks, old checkpoints loading."""
+import json
+
 import pytest
 import torch
 
 import unip_v2  # noqa: F401  first: makes detectron2 importable
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 
 from unip_v2.data.dataset_mappers import TaskTaggedMapper
@@ -105,17 +108,34 @@ def test_a_model_with_two_tasks_hands_each_batch_to_its_task(cfg, echo_registere
     assert model.eval()(echo) == [{"echo": 0}, {"echo": 1}, {"echo": 2}]
 
 
+def _tiny_coco(tmp_path, name):
+    """A one-image COCO instances file registered with detectron2's register_coco_instances
+    (which sets evaluator_type "coco" and no task)."""
+    if name in DatasetCatalog.list():
+        return
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                             "bbox": [1, 1, 4, 4], "area": 16,
+                             "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]}],
+            "categories": [{"id": 1, "name": "red circle"}]}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(coco))
+    register_coco_instances(name, {}, str(path), str(tmp_path))
+
+
 def test_datasets_name_their_task_and_evaluator(cfg, tmp_path):
-    assert dataset_task("toy_shapes_val") == "detection"          # evaluator_type "coco"
+    _tiny_coco(tmp_path, "unip_test_tasks_coco")
+    assert dataset_task("unip_test_tasks_coco") == "detection"    # evaluator_type "coco"
+    assert dataset_task("toy_shapes_val") == "detection"
     MetadataCatalog.get("unip_test_tasks_cls").set(task="classification")
     assert dataset_task("unip_test_tasks_cls") == "classification"
     with pytest.raises(ValueError, match="names no task"):
         dataset_task("unip_test_tasks_nothing")
-    ev = Trainer.build_evaluator(cfg, "toy_shapes_val", str(tmp_path))
+    ev = Trainer.build_evaluator(cfg, "unip_test_tasks_coco", str(tmp_path))
     assert type(ev) is CheckedCOCOEvaluator
     agnostic = cfg.clone()
     agnostic.MODEL.META_ARCHITECTURE = "UniPerceiverV2ProposalNetwork"
-    assert type(Trainer.build_evaluator(agnostic, "toy_shapes_val", str(tmp_path))) is \
+    assert type(Trainer.build_evaluator(agnostic, "unip_test_tasks_coco", str(tmp_path))) is \
         ClassAgnosticCOCOEvaluator
     MetadataCatalog.get("unip_test_tasks_unknown").set(task="unip_test_no_such_task")
     with pytest.raises(ValueError, match="not registered"):
