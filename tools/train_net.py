@@ -18,6 +18,7 @@ import unip_v2  # noqa: F401  first: registers everything and makes detectron2 i
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from unip_v2 import add_unip_v2_config
 from unip_v2.engine import Trainer
@@ -43,6 +44,8 @@ def setup(args):
         # before default_setup writes its log there
         prepare_output_dir(cfg.OUTPUT_DIR, resume=args.resume, overwrite=args.overwrite)
     default_setup(cfg, args)
+    # default_setup logs detectron2's and fvcore's messages; unip_v2's go to the same places
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="unip_v2")
     return cfg
 
 

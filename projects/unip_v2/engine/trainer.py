@@ -10,6 +10,7 @@ position; the random generators' states (Python, NumPy, torch). With them, N ite
 .NUM_WORKERS fixed; tests/test_resume.py). Checkpoints are written atomically and resume
 falls back past unreadable ones (`engine/checkpointer.py`).
 """
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -18,6 +19,7 @@ import torch
 
 from detectron2.engine import DefaultTrainer
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
 
 from ..data.build import build_train_loader
 from ..data.dataset_mappers import TaskTaggedMapper
@@ -27,8 +29,11 @@ from ..modeling.tasks import TASK_REGISTRY
 from ..solver import build_optimizer
 from ..utils.rng import fork_rng, get_rng_state, set_rng_state
 from .checkpointer import Checkpointer
+from .results_table import results_table
 
 __all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
 
 
 def task_mapper(cfg, task: str, is_train: bool) -> TaskTaggedMapper:
@@ -148,4 +153,7 @@ class Trainer(DefaultTrainer):
             one.DATASETS.TEST = (name,)
             results[name] = super().test(one, model, None if evaluators is None
                                          else [evaluators[i]])
+        if len(results) > 1 and comm.is_main_process():
+            logger.info("Results of every dataset of DATASETS.TEST:\n"
+                        + results_table(results))
         return list(results.values())[0] if len(results) == 1 else results
