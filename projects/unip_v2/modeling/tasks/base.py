@@ -14,7 +14,7 @@ carries ``"task"`` (the data loaders add it from the dataset's metadata; a model
 task also takes untagged inputs, as the demo gives it). Adding a task adds one module here
 and one registration, not an edit of the model.
 """
-from typing import Dict, List, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from torch import nn
 from ...data.dataset_mappers import build_dataset_mapper
 from ...data.datasets.metadata import dataset_task
 
-__all__ = ["TASK_REGISTRY", "Task", "build_tasks", "evaluator_for_dataset", "register_task",
+__all__ = ["TASK_REGISTRY", "Task", "build_tasks", "evaluator_for_dataset", "first_dataset_of",
+           "register_task",
            "task_of_batch"]
 
 # Task name -> Task class, built as cls(cfg). The name is the value of MODEL.TASKS entries, of
@@ -90,6 +91,12 @@ def build_tasks(cfg) -> nn.ModuleDict:
     if unknown:
         raise ValueError(f"MODEL.TASKS names unknown tasks {unknown}; registered: {known}")
     return nn.ModuleDict({n: TASK_REGISTRY[n](cfg) for n in names})
+
+
+def first_dataset_of(task: str, dataset_names: Sequence[str]) -> Optional[str]:
+    """The first of ``dataset_names`` whose metadata names ``task`` (None if none does): where
+    a task takes its training or test target set from."""
+    return next((n for n in dataset_names if dataset_task(n) == task), None)
 
 
 def task_of_batch(batched_inputs: Sequence[Dict], tasks: Sequence[str]) -> str:

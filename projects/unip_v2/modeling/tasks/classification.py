@@ -3,23 +3,18 @@ is [<SPE>, global tokens, regional tokens] through g and its <SPE> output is com
 the category names, each [<SPE>, f_text(name)] through g (Eq. 5); the loss is cross-entropy
 with label smoothing over the category set (Eq. 7); metrics are top-1 and top-5 accuracy.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 from torch.nn import functional as F
 
 from ...data.dataset_mappers import ClassificationDatasetMapper
 from ...data.datasets import class_names as dataset_class_names
-from ...data.datasets.metadata import dataset_task
 from ...evaluation import ClassificationEvaluator
-from .base import Task, register_task
+from .base import Task, first_dataset_of, register_task
 from .detection import LogitScale, check_class_names, class_logits
 
 __all__ = ["ClassificationTask"]
-
-
-def _first_dataset_of(task: str, names: Sequence[str]):
-    return next((n for n in names if dataset_task(n) == task), None)
 
 
 @register_task
@@ -39,10 +34,10 @@ class ClassificationTask(Task):
         self.logit_scale = LogitScale()
         self.loss_weight = c.LOSS_WEIGHT
         self.label_smoothing = c.LABEL_SMOOTHING
-        train_set = _first_dataset_of(self.name, cfg.DATASETS.TRAIN)
+        train_set = first_dataset_of(self.name, cfg.DATASETS.TRAIN)
         self.train_class_names = (check_class_names(dataset_class_names(train_set))
                                   if train_set else [])
-        test_set = _first_dataset_of(self.name, cfg.DATASETS.TEST)
+        test_set = first_dataset_of(self.name, cfg.DATASETS.TEST)
         self.test_class_names = (check_class_names(dataset_class_names(test_set))
                                  if test_set else self.train_class_names)
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...data.datasets.metadata import dataset_task, thing_classes
+from ...data.datasets.metadata import thing_classes
 from ...evaluation import CheckedCOCOEvaluator
 from ..image_encoder import ImageEncoderOutput, build_proposal_criterion, proposal_instances
-from .base import Task, register_task
+from .base import Task, first_dataset_of, register_task
 
 __all__ = ["DetectionTask", "LogitScale", "check_class_names", "class_logits",
            "matched_class_loss", "detection_topk"]
@@ -118,10 +118,6 @@ def detection_topk(objectness_logits: torch.Tensor, class_logits_: torch.Tensor,
     return top.values, torch.div(top.indices, C, rounding_mode="floor"), top.indices % C
 
 
-def _first_detection_dataset(names: Sequence[str]):
-    return next((n for n in names if dataset_task(n) == "detection"), None)
-
-
 @register_task
 class DetectionTask(Task):
     """Detection and instance segmentation through category names (COCO, toy_shapes).
@@ -149,9 +145,9 @@ class DetectionTask(Task):
         self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
         self.fixed_test_names = bool(cfg.MODEL.DETECTION.TEST_CLASS_NAMES)
         # thing_classes() loads a dataset whose registration left the names unset.
-        train_set = _first_detection_dataset(cfg.DATASETS.TRAIN)
+        train_set = first_dataset_of(self.name, cfg.DATASETS.TRAIN)
         self.train_class_names = thing_classes(train_set) if train_set else []
-        test_set = _first_detection_dataset(cfg.DATASETS.TEST)
+        test_set = first_dataset_of(self.name, cfg.DATASETS.TEST)
         test_names = list(cfg.MODEL.DETECTION.TEST_CLASS_NAMES) or (
             thing_classes(test_set) if test_set else self.train_class_names)
         self.test_class_names: List[str] = []
