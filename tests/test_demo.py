@@ -373,15 +373,16 @@ def test_demo_goes_on_after_a_failed_write(run_demo, val_images, tmp_path):
 
 def test_demo_refuses_category_names_too_long_to_encode(run_demo, toy, val_images, tmp_path):
     tokenizer = build_tokenizer(toy[2])
-    long_name = "red square with a thin blue border and a small green dot in its middle"
+    long_name = ("red square with a thin blue border and a small green dot in its middle, "
+                 "drawn twice over a yellow striped background under a purple star")
     tokens = len(tokenizer(long_name)["input_ids"])       # the tokenizer's own count
-    assert tokens > 16                                     # CONTEXT_LENGTH of the toy config
+    assert tokens > 40                                     # CONTEXT_LENGTH of the toy config
     cv2.imwrite(str(tmp_path / "x.png"), val_images[0])
     out = tmp_path / "out"
     status, log = run_demo([tmp_path / "x.png"], out, "--vocabulary",
                            f"red square, {long_name}")
     assert status == 2, log
-    assert "category names longer than the text encoder's limit of 16 tokens" in log
+    assert "category names longer than the text encoder's limit of 40 tokens" in log
     assert f"{long_name!r} ({tokens} tokens)" in log and "'red square' (" not in log
     assert not out.exists()
     with pytest.raises(ValueError, match=r"\(%d tokens\)" % tokens):

@@ -94,6 +94,7 @@ deps = {  # pip name -> module to import
     "tokenizers": "tokenizers",
     "fvcore": "fvcore",
     "pycocotools": "pycocotools.mask",
+    "pycocoevalcap": "pycocoevalcap.cider.cider",
     "opencv-python-headless": "cv2",
     "scipy": "scipy",
     "pytest": "pytest",
@@ -188,7 +189,7 @@ fi
 [ "$STALE" = 1 ] && { probe; STALE=0; }
 read -r -a missing <<< "${PROBE[deps]:-}"
 if [ "${#missing[@]}" -eq 0 ]; then
-    say "6/7 timm transformers tokenizers fvcore pycocotools opencv scipy pytest: skipped (all import)"
+    say "6/7 timm transformers tokenizers fvcore pycocotools pycocoevalcap opencv scipy pytest: skipped (all import)"
 else
     pip_install "${missing[@]}"
     probe; STALE=0

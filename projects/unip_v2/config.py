@@ -243,6 +243,59 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Inference: shorter side resized to IMAGE_SIZE / TEST_CROP_RATIO, centre crop.
     cfg.MODEL.CLASSIFICATION.TEST_CROP_RATIO = 0.875
 
+    # Samples per process and iteration of a classification batch (Table 8: 28); 0 = the
+    # single-task default SOLVER.IMS_PER_BATCH / number of processes.
+    cfg.MODEL.CLASSIFICATION.BATCH_SIZE = 0
+
+    # ---------------------------------------------------------------- retrieval task
+    # Image-text retrieval: the image's <SPE> output against the caption's, [<SPE>,
+    # f_text(caption)] through g; symmetric InfoNCE over the batch (Sec. 4.3).
+    cfg.MODEL.RETRIEVAL = CN()
+    # w_k of each direction's loss (image-to-text and text-to-image; 0.5 in Uni-Perceiver).
+    cfg.MODEL.RETRIEVAL.LOSS_WEIGHT = 0.5
+    # Label smoothing of both directions' cross-entropy.
+    cfg.MODEL.RETRIEVAL.LABEL_SMOOTHING = 0.1
+    # Samples per process and iteration (Table 8: 28); 0 = SOLVER.IMS_PER_BATCH / processes.
+    cfg.MODEL.RETRIEVAL.BATCH_SIZE = 0
+    # Side of the square input (224 px for R50, 384 for Swin).
+    cfg.MODEL.RETRIEVAL.IMAGE_SIZE = 224
+    # Negatives from every process ("Gather Feature", Table 4): both sides' features are
+    # all-gathered, gradients flow through the local part. No effect on one process.
+    cfg.MODEL.RETRIEVAL.GATHER_FEATURES = True
+
+    # ---------------------------------------------------------------- captioning task
+    # Image captioning by <SPE> queries against the vocabulary (Uni-Perceiver v1, App. B).
+    cfg.MODEL.CAPTIONING = CN()
+    # w_k of the caption loss.
+    cfg.MODEL.CAPTIONING.LOSS_WEIGHT = 1.0
+    # Label smoothing of the per-word cross-entropy (none in Uni-Perceiver).
+    cfg.MODEL.CAPTIONING.LABEL_SMOOTHING = 0.0
+    # Samples per process and iteration (Table 8: 24); 0 = SOLVER.IMS_PER_BATCH / processes.
+    cfg.MODEL.CAPTIONING.BATCH_SIZE = 0
+    # Side of the square input (224 px for R50, 384 for Swin).
+    cfg.MODEL.CAPTIONING.IMAGE_SIZE = 224
+    # Beam search at inference: beams kept per step (2 in Uni-Perceiver).
+    cfg.MODEL.CAPTIONING.BEAM_SIZE = 2
+    # Most generated tokens per caption, </s> included (21 in Uni-Perceiver).
+    cfg.MODEL.CAPTIONING.MAX_LENGTH = 21
+    # Beam scores are log-probabilities / (generated tokens + 1) ** LENGTH_PENALTY; 0 = none.
+    cfg.MODEL.CAPTIONING.LENGTH_PENALTY = 0.0
+
+    # ---------------------------------------------------------------- MLM task
+    # Masked language modelling: [<SPE>, f_text(tokens)] with masked words, each masked
+    # position's output against the vocabulary (Sec. 4.3).
+    cfg.MODEL.MLM = CN()
+    # w_k of the MLM loss (0.5 in Table 8).
+    cfg.MODEL.MLM.LOSS_WEIGHT = 0.5
+    # Texts per process and iteration (Table 8: 256); 0 = SOLVER.IMS_PER_BATCH / processes.
+    cfg.MODEL.MLM.BATCH_SIZE = 0
+    # Fraction of tokens chosen for prediction (BERT's 15%).
+    cfg.MODEL.MLM.MASK_RATIO = 0.15
+    # Of the chosen tokens: the fraction replaced by <mask>, and by a random token; the rest
+    # stay unchanged (BERT's 80% / 10% / 10%).
+    cfg.MODEL.MLM.MASK_TOKEN_FRACTION = 0.8
+    cfg.MODEL.MLM.RANDOM_TOKEN_FRACTION = 0.1
+
     # ---------------------------------------------------------------- input
     # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
     # fixed-size crop, boxes recomputed from the cropped masks).

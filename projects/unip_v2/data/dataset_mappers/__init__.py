@@ -10,11 +10,13 @@ from typing import Any, Callable, Dict, Optional
 
 from .classification import ClassificationDatasetMapper
 from .coco_instance_lsj import COCOInstanceLSJDatasetMapper, build_lsj_augmentations
+from .image_text import ImageTextDatasetMapper
 
 __all__ = [
     "DATASET_MAPPERS",
     "ClassificationDatasetMapper",
     "COCOInstanceLSJDatasetMapper",
+    "ImageTextDatasetMapper",
     "TaskTaggedMapper",
     "build_dataset_mapper",
     "build_lsj_augmentations",

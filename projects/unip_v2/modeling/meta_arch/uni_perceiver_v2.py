@@ -39,7 +39,8 @@ class UniPerceiverV2(nn.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.unified_decoder = unified_decoder
-        self.target_bank = TargetBank(self.encode_targets)
+        self.target_bank = TargetBank(self.encode_targets, self.encode_tokens,
+                                      len(text_encoder.tokenizer))
         self.tasks = tasks
         self.preprocessor = preprocessor
         self._register_load_state_dict_pre_hook(_rename_old_keys)
@@ -86,6 +87,18 @@ class UniPerceiverV2(nn.Module):
         """T target texts (category names, ...) -> (T, width): <SPE> outputs of g on
         [<SPE>, f_text(text)], the sequence marked as a target."""
         features, padding = self.text_encoder.encode(texts)
+        return self.unified_decoder([Segment(features, padding, SegmentKind.TEXT)],
+                                    is_target=True).spe
+
+    def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """T token ids (T,) -> (T, width): <SPE> outputs of g on [<SPE>, f_text([<s>, id,
+        </s>])], marked as targets: the vocabulary targets of captioning and MLM."""
+        tok = self.text_encoder.tokenizer
+        ids = ids.to(self.text_encoder.device)
+        bos = torch.full_like(ids, tok.bos_token_id)
+        eos = torch.full_like(ids, tok.eos_token_id)
+        input_ids = torch.stack([bos, ids, eos], dim=1)                     # (T, 3)
+        features, padding = self.text_encoder(input_ids, torch.ones_like(input_ids))
         return self.unified_decoder([Segment(features, padding, SegmentKind.TEXT)],
                                     is_target=True).spe
 
