@@ -88,6 +88,23 @@ _GENERALIST = {
     "SOLVER.WEIGHT_DECAY_BIAS": 0.0, "SOLVER.WEIGHT_DECAY_NORM": 0.0,
     "SOLVER.WEIGHT_DECAY_EMBED": 0.0,
 }
+# Table 8: samples per process and loss weights w_k (captioning 0.5 and retrieval 1.0 are the
+# sums over the six datasets; retrieval's 1.0 is two directions of 0.5); 224 px inputs for R50
+# in the non-detection tasks (Sec. 5.2), 384 px for Swin
+_TABLE_8 = {
+    "MODEL.DETECTION.BATCH_SIZE": 1,
+    "MODEL.CLASSIFICATION.BATCH_SIZE": 28, "MODEL.CLASSIFICATION.LOSS_WEIGHT": 1.0,
+    "MODEL.RETRIEVAL.BATCH_SIZE": 28, "MODEL.RETRIEVAL.LOSS_WEIGHT": 0.5,
+    "MODEL.CAPTIONING.BATCH_SIZE": 24, "MODEL.CAPTIONING.LOSS_WEIGHT": 0.5,
+    "MODEL.MLM.BATCH_SIZE": 256, "MODEL.MLM.LOSS_WEIGHT": 0.5,
+}
+_GENERALIST.update(_TABLE_8)
+
+
+def _task_image_size(side):
+    return {f"MODEL.{t}.IMAGE_SIZE": side for t in ("CLASSIFICATION", "RETRIEVAL", "CAPTIONING")}
+
+
 _R50 = {"MODEL.BACKBONE.NAME": "build_resnet_backbone", "MODEL.RESNETS.DEPTH": 50}
 # Swin-B / Swin-L (Liu et al. 2021, 384-px ImageNet-22k models: window 12)
 _SWIN_B = {"MODEL.BACKBONE.NAME": "build_swin_backbone", "MODEL.SWIN.EMBED_DIM": 128,
@@ -95,10 +112,11 @@ _SWIN_B = {"MODEL.BACKBONE.NAME": "build_swin_backbone", "MODEL.SWIN.EMBED_DIM":
            "MODEL.SWIN.WINDOW_SIZE": 12}
 _SWIN_L = {**_SWIN_B, "MODEL.SWIN.EMBED_DIM": 192, "MODEL.SWIN.NUM_HEADS": [6, 12, 24, 48]}
 PROMISED = {
-    "uni_perceiver_v2/R50.yaml": {**_GENERALIST, **_R50, "MODEL.IMAGE_ENCODER.NUM_QUERIES": 300},
-    "uni_perceiver_v2/Swin-B.yaml": {**_GENERALIST, **_SWIN_B,
+    "uni_perceiver_v2/R50.yaml": {**_GENERALIST, **_R50, **_task_image_size(224),
+                                  "MODEL.IMAGE_ENCODER.NUM_QUERIES": 300},
+    "uni_perceiver_v2/Swin-B.yaml": {**_GENERALIST, **_SWIN_B, **_task_image_size(384),
                                      "MODEL.IMAGE_ENCODER.NUM_QUERIES": 900},
-    "uni_perceiver_v2/Swin-L.yaml": {**_GENERALIST, **_SWIN_L,
+    "uni_perceiver_v2/Swin-L.yaml": {**_GENERALIST, **_SWIN_L, **_task_image_size(384),
                                      "MODEL.IMAGE_ENCODER.NUM_QUERIES": 900},
     # README: the R50 region proposal network at Table 7's sizes, 300 queries, the paper's
     # detection augmentation; Mask DINO's optimiser (AdamW 1e-4, weight decay 0.05,

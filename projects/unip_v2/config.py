@@ -228,6 +228,9 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Category names used at test time instead of DATASETS.TEST's thing_classes (open
     # vocabulary); [] = the dataset's names.
     cfg.MODEL.DETECTION.TEST_CLASS_NAMES = []
+    # Images per process and iteration of a detection batch (Table 8: 1); 0 = the
+    # single-task default SOLVER.IMS_PER_BATCH / number of processes.
+    cfg.MODEL.DETECTION.BATCH_SIZE = 0
 
     # ---------------------------------------------------------------- classification task
     # Image classification: the image's <SPE> output against the class names (Sec. 4.3).

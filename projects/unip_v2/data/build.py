@@ -41,7 +41,7 @@ from detectron2.utils import comm
 
 from ..utils.rng import derived_seed, fork_rng
 
-__all__ = ["IndexStream", "ResumableTrainLoader", "build_train_loader"]
+__all__ = ["IndexStream", "ResumableTrainLoader", "batch_per_process", "build_train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,18 +190,29 @@ class ResumableTrainLoader:
             yield batch
 
 
-def build_train_loader(cfg, mapper: Callable) -> ResumableTrainLoader:
-    """The resumable loader over cfg.DATASETS.TRAIN (see the module docstring).
+def batch_per_process(cfg, batch_size: int = 0) -> int:
+    """Samples per process and iteration: ``batch_size`` (a task's MODEL.<TASK>.BATCH_SIZE,
+    per process as in the paper's Table 8) when positive, else SOLVER.IMS_PER_BATCH split
+    over the processes."""
+    if batch_size > 0:
+        return int(batch_size)
+    world = comm.get_world_size()
+    if cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible "
+                         f"by the number of processes ({world})")
+    return cfg.SOLVER.IMS_PER_BATCH // world
+
+
+def build_train_loader(cfg, mapper: Callable, batch_size: int = 0) -> ResumableTrainLoader:
+    """The resumable loader over cfg.DATASETS.TRAIN (see the module docstring), with
+    `batch_per_process` (cfg, batch_size) samples per process and iteration.
 
     The stream's seed is cfg.SEED, or, when SEED < 0, one random seed shared by all processes
     (saved in checkpoints, so a resumed run keeps its stream).
     """
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible "
-                         f"by the number of processes ({world})")
+    per_process = batch_per_process(cfg, batch_size)
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name == "TrainingSampler":
         repeat_factors = None
@@ -215,5 +226,5 @@ def build_train_loader(cfg, mapper: Callable) -> ResumableTrainLoader:
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     dataset = DatasetFromList(dicts, copy=False)
     return ResumableTrainLoader(dataset, mapper, IndexStream(len(dataset), seed, repeat_factors),
-                                cfg.SOLVER.IMS_PER_BATCH // world,
+                                per_process,
                                 num_workers=cfg.DATALOADER.NUM_WORKERS)

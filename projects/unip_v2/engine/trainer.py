@@ -43,6 +43,12 @@ def task_mapper(cfg, task: str, is_train: bool) -> TaskTaggedMapper:
     return TaskTaggedMapper(TASK_REGISTRY[task].build_dataset_mapper(cfg, is_train), task)
 
 
+def task_batch_size(cfg, task: str) -> int:
+    """MODEL.<TASK>.BATCH_SIZE (samples per process; 0 = not set)."""
+    node = getattr(cfg.MODEL, task.upper(), None)
+    return int(node.BATCH_SIZE) if node is not None and "BATCH_SIZE" in node else 0
+
+
 def train_task(cfg) -> str:
     """The one task of DATASETS.TRAIN (single-task training: every training dataset is for
     the same task; several tasks are the multi-task trainer's)."""
@@ -102,8 +108,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Batches of DATASETS.TRAIN through their task's mapper, each input naming the
-        task."""
-        return build_train_loader(cfg, task_mapper(cfg, train_task(cfg), is_train=True))
+        task; MODEL.<TASK>.BATCH_SIZE samples per process when set, else
+        SOLVER.IMS_PER_BATCH split over the processes."""
+        task = train_task(cfg)
+        return build_train_loader(cfg, task_mapper(cfg, task, is_train=True),
+                                  batch_size=task_batch_size(cfg, task))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
