@@ -59,3 +59,82 @@ def test_bad_targets_and_bad_encoder_output():
     bad = TargetBank(lambda names: torch.zeros(len(names) + 1, 3)).eval()
     with pytest.raises(ValueError, match=r"\(2, D\).*\(3, 3\)"):
         bad(["a", "b"])
+
+
+# ------------------------------------------------------------------ the vocabulary
+V, D = 7, 3
+
+
+class VocabOwner(nn.Module):
+    """Embeds token id v as row v of a table: an encoder whose output is known exactly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(V, D)
+        self.bank = TargetBank(lambda names: None, self.encode_tokens, V)
+
+    def encode_tokens(self, ids):
+        return self.table(ids)
+
+
+def test_vocabulary_rows_are_the_token_encodings_cached_in_eval_only():
+    m = VocabOwner()
+    vocab = m.bank.vocabulary()
+    assert torch.equal(vocab, m.table.weight) and vocab.requires_grad   # row v = encoding of v
+    assert m.bank.vocabulary() is not vocab and m.bank.num_encodings == 2  # training: afresh
+    m.eval()
+    a, b = m.bank.vocabulary(), m.bank.vocabulary()
+    assert a is b and m.bank.num_encodings == 3 and not a.requires_grad
+    m.bank.clear()
+    assert m.bank.vocabulary() is not a
+    with pytest.raises(ValueError, match="no vocabulary"):
+        Owner().bank.vocabulary()
+
+
+def _vocabulary_on_two_processes(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        m = VocabOwner()                       # the same weights on both processes (seed 0)
+        vocab = m.bank.vocabulary()
+        weights = torch.arange(V * D, dtype=torch.float32).view(V, D) * (rank + 1)
+        (vocab * weights).sum().backward()
+        out.put((rank, vocab.detach(), m.table.weight.grad, m.bank.num_encodings))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocabulary_is_sliced_over_processes_and_gathered_with_autograd():
+    """World 2, V = 7: each process encodes ceil(7 / 2) = 4 ids (process 1: ids 4, 5, 6 and a
+    copy of 6, trimmed), all-gathered. Process r's loss is sum(vocab * W (r + 1)); autograd's
+    all_gather sends every process's gradient of a slice to the process that encoded it, so
+    process r's table gradient is W (1 + 2) = 3 W on its own rows and 0 elsewhere (the
+    all-reduce of DDP then gives every row 3 W, the one-process gradient of both losses)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_vocabulary_on_two_processes, args=(r, port, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    table = VocabOwner().table.weight.detach()
+    W = torch.arange(V * D, dtype=torch.float32).view(V, D)
+    own = {0: slice(0, 4), 1: slice(4, 7)}
+    for rank, vocab, grad, encodings in results:
+        assert torch.equal(vocab, table) and encodings == 1
+        expected = torch.zeros(V, D)
+        expected[own[rank]] = 3 * W[own[rank]]
+        assert torch.allclose(grad, expected), (rank, grad)

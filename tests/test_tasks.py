@@ -175,3 +175,30 @@ def test_a_checkpoint_from_before_the_task_interface_loads(cfg):
     fresh = build_model(cfg)
     fresh.load_state_dict(old, strict=True)
     assert fresh.tasks["detection"].logit_scale.log_scale.item() == pytest.approx(1.234)
+
+
+def test_a_tasks_batch_size_sets_its_train_batch(cfg, tmp_path):
+    """MODEL.<TASK>.BATCH_SIZE samples per process (Table 8's per-GPU batches); 0 falls back
+    to SOLVER.IMS_PER_BATCH over the processes (one here)."""
+    import numpy as np
+    from PIL import Image
+
+    name = "unip_test_tasks_batch_size"
+    files = []
+    for i in range(5):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(files[-1])
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": f, "image_id": i, "label": i % 3}
+                                               for i, f in enumerate(files)])
+        MetadataCatalog.get(name).set(task="classification", class_names=NAMES)
+    c = cfg.clone()
+    c.MODEL.TASKS = ["classification"]
+    c.DATASETS.TRAIN = (name,)
+    c.MODEL.CLASSIFICATION.IMAGE_SIZE = 16
+    c.DATALOADER.NUM_WORKERS = 0
+    c.SOLVER.IMS_PER_BATCH = 4
+    for batch_size, want in ((3, 3), (0, 4)):
+        c.MODEL.CLASSIFICATION.BATCH_SIZE = batch_size
+        got = next(iter(Trainer.build_train_loader(c)))
+        assert len(got) == want and {x["task"] for x in got} == {"classification"}
