@@ -136,6 +136,10 @@ def test_80_10_10_split_of_15_percent_of_the_words_in_training():
         out = mask(short, (short != PAD).long(), u)
         assert out.chosen.sum(1).tolist() == [1, 1]
         assert not out.chosen[:, 0].any() and not out.chosen[1, 3]
+    # a text of special tokens only (e.g. the literal "<unk>") has nothing to choose
+    none = torch.tensor([[BOS, UNK, EOS]])
+    out = mask(none, torch.ones_like(none), training_uniforms(1, 3))
+    assert not out.chosen.any() and torch.equal(out.input_ids, none)
 
 
 def test_evaluation_masks_are_deterministic_and_do_not_depend_on_the_batch():
