@@ -7,7 +7,8 @@ would be evaluated twice and the bad one silently never, so here a skipped image
 not passed to the model: the loader drops it, warns and counts it. The evaluators of
 ``unip_v2.evaluation`` take their ground truth from the dataset's json, so such an image is
 still part of the evaluation, as an image with no detections (its objects lower recall and
-AP: the score is not inflated by leaving hard or broken images out).
+AP: the score is not inflated by leaving hard or broken images out). Nothing here reads
+"file_name": text-only records (masked language modelling's {"text"}) pass through too.
 """
 import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -67,9 +68,10 @@ class SkippingTestLoader:
                 yield kept
         if self.num_skipped:
             logger.warning(
-                f"Test loader of {self.dataset_name}: {self.num_skipped} image(s) skipped "
-                f"(the mapper's warnings above say why) and not given to the model; the "
-                "evaluator counts each as an image with no detections."
+                f"Test loader of {self.dataset_name}: {self.num_skipped} record(s) skipped "
+                f"(the mapper's warnings above say why) and not given to the model; a "
+                "detection evaluator counts each as an image with no detections, the MLM "
+                "evaluator leaves a skipped text out."
             )
 
 

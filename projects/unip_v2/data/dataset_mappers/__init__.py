@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional
 from .classification import ClassificationDatasetMapper
 from .coco_instance_lsj import COCOInstanceLSJDatasetMapper, build_lsj_augmentations
 from .image_text import ImageTextDatasetMapper
+from .text import TextDatasetMapper
 
 __all__ = [
     "DATASET_MAPPERS",
@@ -18,6 +19,7 @@ __all__ = [
     "COCOInstanceLSJDatasetMapper",
     "ImageTextDatasetMapper",
     "TaskTaggedMapper",
+    "TextDatasetMapper",
     "build_dataset_mapper",
     "build_lsj_augmentations",
     "register_dataset_mapper",

@@ -18,7 +18,8 @@ from .detection import (
     detection_topk,
     matched_class_loss,
 )
+from .mlm import MLMTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "TASK_REGISTRY", "Task", "build_tasks",
+__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "MLMTask", "TASK_REGISTRY", "Task", "build_tasks",
            "check_class_names", "class_logits", "detection_topk", "evaluator_for_dataset",
            "matched_class_loss", "register_task", "task_of_batch"]
