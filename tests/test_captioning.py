@@ -37,6 +37,9 @@ def cfg(base_cfg):  # noqa: F811
     c.MODEL.CAPTIONING.MAX_LENGTH = 9
     c.MODEL.CAPTIONING.LOSS_WEIGHT = 1.5
     c.MODEL.CAPTIONING.LABEL_SMOOTHING = 0.1
+    # two layers: a token's keys in layer 2 depend on what it attended to in layer 1, so the
+    # cached decoder is checked beyond the first layer
+    c.MODEL.UNIFIED_DECODER.DEPTH = 2
     return c
 
 
@@ -202,6 +205,7 @@ def test_model_loss_gradients_reach_every_part(cfg):
 def test_a_tiny_model_overfits_one_batch(cfg):
     c = cfg.clone()
     c.MODEL.CAPTIONING.LABEL_SMOOTHING = 0.0
+    c.MODEL.UNIFIED_DECODER.DEPTH = 1           # fits the batch in fewer steps
     model = build(c, train=True)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     batch = images(2, seed=4)
