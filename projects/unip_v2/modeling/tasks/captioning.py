@@ -294,6 +294,9 @@ class CaptioningTask(Task):
 
         def step(tokens: torch.Tensor, parent: Optional[torch.Tensor]) -> torch.Tensor:
             t = tokens.shape[1]
+            # Beams follow their parents. This copies the whole cache, the image prefix too,
+            # although the beams of one image share it: simple, and small next to a step
+            # at these sequence lengths.
             c = state["cache"] if parent is None else state["cache"].index_select(parent)
             query = self.queries(model, t, t + 1).expand(b * k, 1, -1)
             if t == 0:
