@@ -18,6 +18,8 @@ def results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
     rows = []
     for dataset, by_kind in results.items():
         for kind, metrics in by_kind.items():
-            shown = [(k, v) for k, v in metrics.items() if "-" not in k][:_MAX_METRICS]
+            # per-category entries are COCO's "AP-<name>" ("BLEU-4" or "ROUGE-L" are not)
+            shown = [(k, v) for k, v in metrics.items()
+                     if not k.startswith("AP-")][:_MAX_METRICS]
             rows.append([dataset, kind, ", ".join(f"{k} {v:.2f}" for k, v in shown)])
     return tabulate(rows, headers=["dataset", "evaluation", "metrics"], tablefmt="pipe")

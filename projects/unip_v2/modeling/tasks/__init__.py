@@ -9,6 +9,7 @@ from .base import (
     register_task,
     task_of_batch,
 )
+from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .detection import (
     DetectionTask,
@@ -20,6 +21,7 @@ from .detection import (
 )
 from .mlm import MLMTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "MLMTask", "TASK_REGISTRY", "Task", "build_tasks",
-           "check_class_names", "class_logits", "detection_topk", "evaluator_for_dataset",
-           "matched_class_loss", "register_task", "task_of_batch"]
+__all__ = ["CaptioningTask", "ClassificationTask", "DetectionTask", "LogitScale", "MLMTask",
+           "TASK_REGISTRY", "Task", "build_tasks", "check_class_names", "class_logits",
+           "detection_topk", "evaluator_for_dataset", "matched_class_loss", "register_task",
+           "task_of_batch"]

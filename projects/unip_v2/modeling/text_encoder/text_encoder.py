@@ -61,7 +61,7 @@ class TextEncoder(nn.Module):
     """RoBERTa text encoder with an output projection.
 
     ``tokenize(texts)`` -> ``(input_ids (B, L) int64, attention_mask (B, L) int64, 1 = token)``
-    on the module's device; ``forward(input_ids, attention_mask)`` ->
+    on the module's device; ``forward(input_ids, attention_mask, causal=False)`` ->
     ``(features (B, L, output_dim) float, padding_mask (B, L) bool, True = padding)``;
     ``encode(texts)`` does both.
     """
@@ -155,12 +155,16 @@ class TextEncoder(nn.Module):
                 f"{', '.join(too_long)}. Shorten them: they are not cut, since names cut "
                 f"alike would get one embedding")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             input_ids: (B, L) integer token ids, L <= context_length.
             attention_mask: (B, L) bool or integer, nonzero/True = real token.
+            causal: token i attends to tokens 0..i only (and never to padding), so its
+                feature depends on no later token. Captioning needs it: RoBERTa is
+                bidirectional, and a word's feature computed on the whole caption would
+                carry the next words to the query that must predict them.
 
         Returns:
             features: (B, L, output_dim), RoBERTa's last hidden states, projected.
@@ -176,9 +180,31 @@ class TextEncoder(nn.Module):
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} needs B >= 1 and "
                              f"1 <= L <= context_length {self.context_length}")
         attention_mask = attention_mask.to(dtype=torch.long)
+        roberta_mask = (self._causal_mask(attention_mask) if causal else attention_mask)
         hidden = self.roberta(input_ids=input_ids.long(),
-                              attention_mask=attention_mask).last_hidden_state
+                              attention_mask=roberta_mask).last_hidden_state
         return self.proj(hidden), attention_mask == 0
+
+    def _causal_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) 1 = token -> the 4-D mask (B, 1, L, L) that RobertaModel takes as it is
+        (transformers 5.x: masking_utils returns a 4-D attention_mask unchanged): query i
+        may see key j iff j <= i and j is a token. Every row sees at least position 0 (<s>,
+        right padding), so no row is empty. Its encoding depends on the attention kernel:
+        SDPA reads a bool mask as True = attend, the eager kernel adds the mask to the
+        scores (0 = attend, a large negative number = blocked)."""
+        length = attention_mask.shape[1]
+        pos = torch.arange(length, device=attention_mask.device)
+        allowed = (pos[None, :] <= pos[:, None])[None] & attention_mask.bool()[:, None, :]
+        allowed = allowed[:, None]                                           # (B, 1, L, L)
+        kernel = self.roberta.config._attn_implementation
+        if kernel == "sdpa":
+            return allowed
+        if kernel == "eager":
+            dtype = self.roberta.embeddings.word_embeddings.weight.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        raise NotImplementedError(f"causal text encoding with RoBERTa's attention kernel "
+                                  f"{kernel!r}: only 'sdpa' and 'eager' take a 4-D mask here")
 
     def encode(self, texts: Sequence[str], truncate: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
