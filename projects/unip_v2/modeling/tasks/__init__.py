@@ -18,7 +18,9 @@ from .detection import (
     detection_topk,
     matched_class_loss,
 )
+from .retrieval import RetrievalTask, contrastive_losses
 
-__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "TASK_REGISTRY", "Task", "build_tasks",
-           "check_class_names", "class_logits", "detection_topk", "evaluator_for_dataset",
-           "matched_class_loss", "register_task", "task_of_batch"]
+__all__ = ["ClassificationTask", "DetectionTask", "LogitScale", "RetrievalTask", "TASK_REGISTRY",
+           "Task", "build_tasks", "check_class_names", "class_logits", "contrastive_losses",
+           "detection_topk", "evaluator_for_dataset", "matched_class_loss", "register_task",
+           "task_of_batch"]
