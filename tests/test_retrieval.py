@@ -147,6 +147,14 @@ def test_contrastive_losses_equal_a_float64_oracle():
         want = oracle_info_nce(img, txt, 3.7, eps)
         for g, w in zip(got, want):
             assert g.item() == pytest.approx(w.item(), rel=1e-5)
+    # float32 under autocast too (bf16 on the CPU: its 8-bit mantissa would move the loss
+    # in the third digit)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrastive_losses(img, txt, scale, 0.1)
+    want = oracle_info_nce(img, txt, 3.7, 0.1)
+    assert [g.dtype for g in got] == [torch.float32] * 2
+    for g, w in zip(got, want):
+        assert g.item() == pytest.approx(w.item(), rel=1e-5)
     with pytest.raises(ValueError, match=r"must both be \(B, D\)"):
         contrastive_losses(img, txt[:4], scale)
 

@@ -78,10 +78,13 @@ def contrastive_losses(image_feats: torch.Tensor, text_feats: torch.Tensor,
         all_txt = torch.cat(all_gather(txt), dim=0)                          # (N, D)
         offset = rank * b
     labels = torch.arange(offset, offset + b, device=img.device)
-    logits_i2t = scale * img @ all_txt.T                                     # (B, N)
-    logits_t2i = scale * txt @ all_img.T                                     # (B, N)
-    return (F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing),
-            F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing))
+    # float32 even under autocast: the loss compares cosines that differ in the third digit
+    with torch.autocast(device_type=img.device.type, enabled=False):
+        scale = scale.float()
+        logits_i2t = scale * img @ all_txt.T                                 # (B, N)
+        logits_t2i = scale * txt @ all_img.T                                 # (B, N)
+        return (F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing),
+                F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing))
 
 
 def _captions_of(batched_inputs: Sequence[Dict], key: str) -> List:
