@@ -20,8 +20,9 @@ from .detection import (
     matched_class_loss,
 )
 from .mlm import MLMTask
+from .retrieval import RetrievalTask, contrastive_losses
 
 __all__ = ["CaptioningTask", "ClassificationTask", "DetectionTask", "LogitScale", "MLMTask",
-           "TASK_REGISTRY", "Task", "build_tasks", "check_class_names", "class_logits",
-           "detection_topk", "evaluator_for_dataset", "matched_class_loss", "register_task",
-           "task_of_batch"]
+           "RetrievalTask", "TASK_REGISTRY", "Task", "build_tasks", "check_class_names",
+           "class_logits", "contrastive_losses", "detection_topk", "evaluator_for_dataset",
+           "matched_class_loss", "register_task", "task_of_batch"]
