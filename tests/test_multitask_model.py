@@ -33,6 +33,7 @@ def cfg(detection_cfg, tmp_path_factory):  # noqa: F811
     c.MODEL.TEXT_ENCODER.TOKENIZER = tok
     c.DATASETS.TRAIN = c.DATASETS.TRAIN + (CLS_SET,)
     c.MODEL.CAPTIONING.MAX_LENGTH = 6
+    c.MODEL.TEXT_ENCODER.CONTEXT_LENGTH = 24   # the longest caption above fits
     return c
 
 
@@ -75,7 +76,7 @@ def test_a_model_with_every_task_trains_one_batch_of_each(cfg):
         opt.zero_grad(set_to_none=True)
         before = {n: p.detach().clone() for n, p in shared}
         losses = model(inputs)
-        assert losses and all(math.isfinite(float(v)) and float(v) > 0 for v in losses.values()), \
+        assert losses and all(math.isfinite(v.item()) and v.item() > 0 for v in losses.values()), \
             (name, losses)
         sum(losses.values()).backward()
         # the task's own parameters learn from its batch, the other tasks' do not
@@ -125,7 +126,7 @@ def test_eval_only_evaluates_every_dataset_with_its_task_in_one_run(cfg, tmp_pat
     from unip_v2.engine import Trainer
 
     files = []
-    for i, im in enumerate(_images(4, 3, size=32)):
+    for i, im in enumerate(_images(4, 3, size=96)):
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(files[-1])
     sets = {
@@ -142,7 +143,7 @@ def test_eval_only_evaluates_every_dataset_with_its_task_in_one_run(cfg, tmp_pat
     c = cfg.clone()
     c.DATASETS.TEST = tuple(sets)
     c.DATALOADER.NUM_WORKERS = 0
-    c.MODEL.CLASSIFICATION.IMAGE_SIZE = c.MODEL.RETRIEVAL.IMAGE_SIZE = 32
+    c.MODEL.CLASSIFICATION.IMAGE_SIZE = c.MODEL.RETRIEVAL.IMAGE_SIZE = 96
     c.OUTPUT_DIR = str(tmp_path / "out")
     torch.manual_seed(0)
     model = build_model(c).eval()
