@@ -301,7 +301,7 @@ def test_a_tiny_model_overfits_one_batch(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     batch = pairs(6, seed=3)
     first = None
-    for step in range(30):
+    for step in range(50):
         torch.manual_seed(step)
         losses = model(batch)
         loss = losses["loss_i2t"] + losses["loss_t2i"]
