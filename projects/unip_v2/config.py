@@ -294,9 +294,10 @@ def add_unip_v2_config(cfg: CN) -> None:
     cfg.MODEL.MLM.BATCH_SIZE = 0
     # Fraction of tokens chosen for prediction (BERT's 15%).
     cfg.MODEL.MLM.MASK_RATIO = 0.15
-    # Of the chosen tokens: the fraction replaced by <mask>, and by a random token; the rest
-    # stay unchanged (BERT's 80% / 10% / 10%).
+    # Of the chosen tokens, the fraction replaced by <mask> (BERT's 80%).
     cfg.MODEL.MLM.MASK_TOKEN_FRACTION = 0.8
+    # Of the chosen tokens, the fraction replaced by a random non-special token (BERT's 10%);
+    # the rest stay unchanged.
     cfg.MODEL.MLM.RANDOM_TOKEN_FRACTION = 0.1
 
     # ---------------------------------------------------------------- input
