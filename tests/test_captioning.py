@@ -101,7 +101,7 @@ def test_causal_text_encoding_and_no_leak_into_earlier_queries(cfg):
         fb, _ = model.text_encoder(ids, mask)
         gb, _ = model.text_encoder(other, mask)
         assert (fb[0, :k + 1] - gb[0, :k + 1]).abs().max() > 1e-4   # the leak causal removes
-        out = rows_of(task.encode_images(model, images(2)), slice(0, 1))
+        out = rows_of(model.encode_images(images(2)), slice(0, 1))
         a = task.caption_logits(model, out, ids, mask)
         b = task.caption_logits(model, out, other, mask)
     assert torch.allclose(a[0, : k + 1], b[0, : k + 1], atol=1e-5)
@@ -131,7 +131,7 @@ def test_routing_attributes_of_each_segment(cfg, monkeypatch):
     t = ids.shape[1] - 1
     target = ([_rows("00000110"), _rows("00100110")], [1, 3])   # vocabulary: [SPE, text]
     with torch.no_grad():
-        out = rows_of(task.encode_images(model, images(2)), slice(0, 1))
+        out = rows_of(model.encode_images(images(2)), slice(0, 1))
         g, o = out.global_tokens.shape[1], out.regional_tokens.shape[1]
         task.caption_logits(model, out, ids, mask)
         assert ([spe, glob, reg, text, text], [1, g, o, t, t]) in seen
@@ -242,7 +242,7 @@ def test_beam_size_one_equals_greedy_decoding(cfg):
     batch = images(2, seed=1)
     eos = model.text_encoder.tokenizer.eos_token_id
     with torch.no_grad():
-        out = task.encode_images(model, batch)
+        out = model.encode_images(batch)
         result = task.generate(model, out)
         # independent greedy loop, one image at a time, whole prefix every step
         for i in range(2):
@@ -279,7 +279,7 @@ def test_cached_decoder_gives_the_log_probs_of_rerunning_the_prefix(cfg, monkeyp
 
     monkeypatch.setattr(captioning_module, "beam_search", driver)
     with torch.no_grad():
-        out = rows_of(task.encode_images(model, images(2, seed=2)), slice(0, 1))
+        out = rows_of(model.encode_images(images(2, seed=2)), slice(0, 1))
         task.beam_size = 2
         task.generate(model, out)
         both = rows_of(out, torch.tensor([0, 0]))

@@ -102,12 +102,21 @@ class UniPerceiverV2(nn.Module):
         return self.unified_decoder([Segment(features, padding, SegmentKind.TEXT)],
                                     is_target=True).spe
 
+    def encode_images(self, batched_inputs: List[Dict]) -> ImageEncoderOutput:
+        """f_image of a batch's "image"s (preprocessed, padded): ImageEncoderOutput."""
+        images, sizes = self.preprocessor(batched_inputs)
+        return self.image_encoder(images.tensor, sizes)
+
+    @staticmethod
+    def image_segments(out: ImageEncoderOutput) -> List[Segment]:
+        """An image's global and regional tokens as g's segments (after <SPE>)."""
+        return [Segment(out.global_tokens, out.global_padding_mask, SegmentKind.IMAGE_GLOBAL),
+                Segment(out.regional_tokens, None, SegmentKind.IMAGE_REGION)]
+
     def decode_image(self, out: ImageEncoderOutput):
         """g on [<SPE>, global tokens, regional tokens]: its output (.spe (B, width), .tokens
         (B, 1 + G + O, width))."""
-        return self.unified_decoder([
-            Segment(out.global_tokens, out.global_padding_mask, SegmentKind.IMAGE_GLOBAL),
-            Segment(out.regional_tokens, None, SegmentKind.IMAGE_REGION)])
+        return self.unified_decoder(self.image_segments(out))
 
     # ---------------------------------------------------------------- tasks
     def task_of(self, batched_inputs: List[Dict]):

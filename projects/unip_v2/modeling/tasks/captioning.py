@@ -213,22 +213,12 @@ class CaptioningTask(Task):
                                       image_size=cfg.MODEL.CAPTIONING.IMAGE_SIZE)
 
     # ---------------------------------------------------------------- sequences
-    @staticmethod
-    def image_segments(out) -> List[Segment]:
-        """The image's global and regional tokens (ImageEncoderOutput) as g's segments."""
-        return [Segment(out.global_tokens, out.global_padding_mask, SegmentKind.IMAGE_GLOBAL),
-                Segment(out.regional_tokens, None, SegmentKind.IMAGE_REGION)]
-
     def queries(self, model, start: int, stop: int) -> torch.Tensor:
         """(stop - start, width): query tokens start..stop-1 (<SPE> + query position)."""
         if stop > self.query_pos.num_embeddings:
             raise ValueError(f"captioning: query {stop - 1} has no position embedding (at most "
                              f"{self.query_pos.num_embeddings}, CONTEXT_LENGTH)")
         return model.unified_decoder.spe + self.query_pos.weight[start:stop]
-
-    def encode_images(self, model, batched_inputs: List[Dict]):
-        images, sizes = model.preprocessor(batched_inputs)
-        return model.image_encoder(images.tensor, sizes)
 
     def caption_logits(self, model, out, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor:
@@ -247,7 +237,7 @@ class CaptioningTask(Task):
         if t < 1:
             raise ValueError("captioning: captions need at least one token after <s>")
         queries = self.queries(model, 0, t).to(words.dtype).expand(b, t, -1)
-        segments = self.image_segments(out) + [
+        segments = model.image_segments(out) + [
             Segment(words, word_padding, *_TEXT_LAYOUT[0]),
             Segment(queries, word_padding, *_TEXT_LAYOUT[1])]
         prefix = 1 + out.global_tokens.shape[1] + out.regional_tokens.shape[1]
@@ -262,7 +252,7 @@ class CaptioningTask(Task):
             raise ValueError(f"captioning: every training input needs a non-empty 'caption' "
                              f"string (ImageTextDatasetMapper), got {captions!r}")
         input_ids, attention_mask = model.text_encoder.tokenize(captions)
-        logits = self.caption_logits(model, self.encode_images(model, batched_inputs),
+        logits = self.caption_logits(model, model.encode_images(batched_inputs),
                                      input_ids, attention_mask)
         loss = caption_loss(logits, input_ids[:, 1:], attention_mask[:, 1:].bool(),
                             self.label_smoothing)
@@ -283,7 +273,7 @@ class CaptioningTask(Task):
         tok = text.tokenizer
         b, k = out.global_tokens.shape[0], self.beam_size
         device = out.global_tokens.device
-        _, cache = decoder.start_cache(self.image_segments(out), later=_TEXT_LAYOUT)
+        _, cache = decoder.start_cache(model.image_segments(out), later=_TEXT_LAYOUT)
         cache = cache.index_select(torch.arange(b, device=device).repeat_interleave(k))
         vocabulary = F.normalize(model.target_bank.vocabulary(), dim=-1)     # (V, D)
         scale = self.logit_scale()
@@ -328,7 +318,7 @@ class CaptioningTask(Task):
         return [s.strip() for s in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
-        result = self.generate(model, self.encode_images(model, batched_inputs))
+        result = self.generate(model, model.encode_images(batched_inputs))
         captions = self.decode_tokens(model.text_encoder.tokenizer, result.tokens[:, 0])
         return [{"caption": c, "image_id": x.get("image_id")}
                 for c, x in zip(captions, batched_inputs)]

@@ -54,9 +54,7 @@ class ClassificationTask(Task):
 
     def image_logits(self, model, batched_inputs: List[Dict], names: List[str]) -> torch.Tensor:
         """(B, C): scale * cos(<SPE> output of the image, class embeddings)."""
-        images, sizes = model.preprocessor(batched_inputs)
-        out = model.image_encoder(images.tensor, sizes)
-        spe = model.decode_image(out).spe                                     # (B, width)
+        spe = model.decode_image(model.encode_images(batched_inputs)).spe     # (B, width)
         return class_logits(spe[:, None], model.target_bank(names), self.logit_scale())[:, 0]
 
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:

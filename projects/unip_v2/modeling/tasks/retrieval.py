@@ -144,8 +144,7 @@ class RetrievalTask(Task):
     def encode_images(self, model, batched_inputs: List[Dict]) -> torch.Tensor:
         """(B, width): the <SPE> outputs of g on [<SPE>, global tokens, regional tokens] (an
         input: routing attribute TARGET off)."""
-        images, sizes = model.preprocessor(batched_inputs)
-        return model.decode_image(model.image_encoder(images.tensor, sizes)).spe
+        return model.decode_image(model.encode_images(batched_inputs)).spe
 
     def encode_captions(self, model, captions: List[str]) -> torch.Tensor:
         """(T, width): the <SPE> outputs of g on [<SPE>, f_text(caption)], each caption a
