@@ -21,8 +21,9 @@ like any target set.
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from detectron2.utils import comm
 
 __all__ = ["TargetBank"]
 
@@ -81,7 +82,7 @@ class TargetBank(nn.Module):
             if self._vocabulary is None:
                 self._vocabulary = self._run_tokens(0, self.vocabulary_size).detach()
             return self._vocabulary
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = comm.get_world_size()
         if world == 1:
             return self._run_tokens(0, self.vocabulary_size)
         from torch.distributed.nn.functional import all_gather
@@ -89,7 +90,7 @@ class TargetBank(nn.Module):
         # Equal slices (all_gather needs equal shapes): the last ones may run past V and
         # encode copies of the last token, trimmed after the gather.
         per_rank = -(-self.vocabulary_size // world)
-        start = dist.get_rank() * per_rank
+        start = comm.get_rank() * per_rank
         mine = self._run_tokens(start, start + per_rank)
         return torch.cat(all_gather(mine), dim=0)[: self.vocabulary_size]
 

@@ -13,19 +13,14 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from detectron2.utils import comm
+
 from ...data.dataset_mappers import ImageTextDatasetMapper
 from ...evaluation import RetrievalEvaluator
 from .base import Task, register_task
 from .detection import LogitScale
 
 __all__ = ["RetrievalTask", "contrastive_losses"]
-
-
-def _world() -> Tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def contrastive_losses(image_feats: torch.Tensor, text_feats: torch.Tensor,
@@ -61,7 +56,7 @@ def contrastive_losses(image_feats: torch.Tensor, text_feats: torch.Tensor,
     img = F.normalize(image_feats.float(), dim=-1)
     txt = F.normalize(text_feats.float(), dim=-1)
     b = img.shape[0]
-    rank, world = _world()
+    rank, world = comm.get_rank(), comm.get_world_size()
     all_img, all_txt, offset = img, txt, 0
     if gather and world > 1:
         from torch.distributed.nn.functional import all_gather
