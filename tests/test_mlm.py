@@ -312,7 +312,7 @@ def test_long_texts_are_cut_keeping_their_end_token(cfg, caplog):
     assert len(full) > 24 and ids.shape == (2, 24)
     assert ids[1].tolist() == full[:23] + [tok.eos_token_id] and attn[1].all()
     assert ids[0].tolist()[:5] == tok("a red circle")["input_ids"] and attn[0].sum() == 5
-    assert task.num_truncated == 1 and "were cut" in caplog.text
+    assert model.text_encoder.num_truncated == 1 and "were cut" in caplog.text
 
 
 def test_bad_config_values_are_refused(cfg):

@@ -451,3 +451,22 @@ def test_registration_reads_nothing(tmp_path, monkeypatch):
     assert MetadataCatalog.get("imagenet_val").image_root == os.path.join(
         os.getenv("DETECTRON2_DATASETS", "datasets"), "imagenet", "val")
     assert len(names) == len(DEFAULT_NAMES) - 11
+
+
+def test_toy_classification_label_baselines_hand_counted(tmp_path):
+    from unip_v2.data.datasets.toy_shapes_tasks import classification_label_baselines
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    # image 1: two red circles (30 + 30 px) and one larger green square (50 px): label green
+    # (largest object), most pixels red; image 2: one blue triangle; image 3: green + blue.
+    instances = [(1, 1, 30), (1, 1, 30), (1, 2, 50), (2, 3, 40), (3, 2, 10), (3, 3, 20)]
+    (ann / "instances_val.json").write_text(json.dumps({"annotations": [
+        {"image_id": i, "category_id": c, "area": a} for i, c, a in instances]}))
+    (ann / "image_labels_val.json").write_text(json.dumps({"annotations": [
+        {"image_id": 1, "category_id": 2}, {"image_id": 2, "category_id": 3},
+        {"image_id": 3, "category_id": 3}]}))
+    got = classification_label_baselines(str(tmp_path), "val")
+    assert got["chance"] == pytest.approx(10.0)
+    assert got["majority"] == pytest.approx(200 / 3)                  # label 3 twice of 3
+    assert got["guess_among_present"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+    assert got["most_pixels"] == pytest.approx(200 / 3)               # image 1 says red

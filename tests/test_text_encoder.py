@@ -110,7 +110,9 @@ def test_missing_tokenizer_files(tok_dir, tmp_path):
 def test_shapes_padding_mask_and_truncation(encoder, tokenizer):
     long_text = " ".join(CAPTIONS)
     texts = ["red circle", long_text]
+    cut_before = encoder.num_truncated
     ids, mask = encoder.tokenize(texts, truncate=True)
+    assert encoder.num_truncated == cut_before + 1       # counted: cut, never silently
     assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
     assert ids.shape == (2, 16)  # the long text is cut at CONTEXT_LENGTH
     assert ids[1, 0] == 0 and ids[1, -1] == 2 and mask[1].all()  # </s> kept

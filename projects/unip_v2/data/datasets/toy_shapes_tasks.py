@@ -13,6 +13,8 @@ files the toy generator writes (``toy_shapes.py``), registered lazily:
 for split in train, val. The detection registrations (``toy_shapes_{train,val,novel}``)
 are :func:`~unip_v2.data.datasets.toy_shapes.register_toy_shapes`'s.
 """
+import collections
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -21,7 +23,8 @@ from .imagenet import load_image_labels_json
 from .task_common import SkipCounter, register_task_dataset
 from .toy_shapes import TOY_SHAPES_CATEGORIES, toy_shapes_files, toy_shapes_root
 
-__all__ = ["TOY_TASK_SPLITS", "load_toy_shapes_texts", "register_toy_shapes_tasks"]
+__all__ = ["TOY_TASK_SPLITS", "classification_label_baselines", "load_toy_shapes_texts",
+           "register_toy_shapes_tasks"]
 
 TOY_TASK_SPLITS = ("train", "val")
 
@@ -78,3 +81,35 @@ def register_toy_shapes_tasks(root: Optional[str] = None, prefix: str = "toy_sha
             name, lambda f=files, n=name: load_toy_shapes_texts(f["caption_json"], n),
             task="mlm", caption_json=files["caption_json"], dataset_root=root))
     return names
+
+
+def classification_label_baselines(root: Optional[str] = None, split: str = "val"
+                                   ) -> Dict[str, float]:
+    """What simple rules score on a split's image labels (the category of the largest
+    visible object), in percent, from the split's instance and label files:
+
+    * ``chance``: one category drawn uniformly from the 10;
+    * ``majority``: always the split's most frequent label;
+    * ``guess_among_present``: the expected top-1 of a classifier that knows which
+      categories an image holds but not their sizes, drawing one of them uniformly: the level
+      a model reaches by recognising objects without comparing areas;
+    * ``most_pixels``: the category with the most visible pixels over all of its instances
+      (the largest object's category unless several small ones of one colour add up).
+    """
+    root = toy_shapes_root() if root is None else str(root)
+    files = toy_shapes_files(root, split)
+    for path in (files["json_file"], files["image_label_json"]):
+        _require(path)
+    with open(files["json_file"]) as f:
+        instances = json.load(f)["annotations"]
+    with open(files["image_label_json"]) as f:
+        labels = {a["image_id"]: a["category_id"] for a in json.load(f)["annotations"]}
+    area = collections.defaultdict(collections.Counter)     # image -> category -> pixels
+    for a in instances:
+        area[a["image_id"]][a["category_id"]] += a["area"]
+    n = len(labels)
+    present = sum(1.0 / len(area[i]) for i, c in labels.items() if c in area[i])
+    most = sum(area[i].most_common(1)[0][0] == c for i, c in labels.items() if area[i])
+    majority = collections.Counter(labels.values()).most_common(1)[0][1]
+    return {"chance": 100.0 / len(TOY_SHAPES_CATEGORIES), "majority": 100.0 * majority / n,
+            "guess_among_present": 100.0 * present / n, "most_pixels": 100.0 * most / n}

@@ -24,7 +24,7 @@ Masking (BERT's recipe, as Uni-Perceiver v1 uses it; MODEL.MLM):
   positions in every evaluation, alone or in any batch, and the val metric is reproducible.
 
 Texts longer than MODEL.TEXT_ENCODER.CONTEXT_LENGTH tokens (<s> and </s> included) are cut to
-it, keeping </s>, with a warning and a count (``num_truncated``): for MLM the start of a long
+it, keeping </s>, with a warning and a count (the text encoder's ``num_truncated``): for MLM the start of a long
 text is still a valid sample (BERT cuts corpus text into fixed-length pieces), whereas
 dropping long texts would bias the corpus towards short ones.
 """
@@ -197,7 +197,6 @@ class MLMTask(Task):
         self.mask_ratio = float(c.MASK_RATIO)
         self.mask_fraction = float(c.MASK_TOKEN_FRACTION)
         self.random_fraction = float(c.RANDOM_TOKEN_FRACTION)
-        self.num_truncated = 0
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_dir: str):
@@ -210,24 +209,13 @@ class MLMTask(Task):
     # ------------------------------------------------------------ inputs
     def tokenize(self, model, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (input_ids (B, L), attention_mask (B, L)) int64 on the CPU, right-padded,
-        L <= context_length; longer texts are cut keeping </s> (warned, counted)."""
+        L <= context_length; longer texts are cut keeping </s> (warned, counted in the text
+        encoder's ``num_truncated``)."""
         bad = [(i, t) for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
         if bad:
             raise ValueError(f"mlm: every input needs a non-empty 'text' string; got "
                              f"{', '.join(f'#{i}: {t!r:.60}' for i, t in bad)}")
-        tok = model.text_encoder.tokenizer
-        limit = model.text_encoder.context_length
-        enc = tok(list(texts), padding="longest", truncation=False, return_tensors="pt")
-        ids, attn = enc["input_ids"].long(), enc["attention_mask"].long()
-        if ids.shape[1] > limit:
-            long = attn.sum(1) > limit                                       # (B,)
-            ids, attn = ids[:, :limit].clone(), attn[:, :limit].clone()
-            ids[long, limit - 1] = tok.eos_token_id
-            self.num_truncated += int(long.sum())
-            logger.warning(f"mlm: {int(long.sum())} text(s) of this batch are longer than "
-                           f"MODEL.TEXT_ENCODER.CONTEXT_LENGTH = {limit} tokens and were cut "
-                           f"(their </s> kept); {self.num_truncated} so far")
-        return ids, attn
+        return model.text_encoder.tokenize(list(texts), truncate=True, device="cpu")
 
     def special_and_replacement_ids(self, model) -> Tuple[torch.Tensor, torch.Tensor]:
         """(special ids (S,), the other ids of the vocabulary (V - S,))."""

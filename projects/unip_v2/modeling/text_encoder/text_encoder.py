@@ -8,6 +8,7 @@ L <= CONTEXT_LENGTH counts <s> and </s>. A longer text is an error unless trunca
 for (``truncate=True``, e.g. for captions, which then keep their </s>): category names are
 never cut, since two long names cut alike would share one class embedding.
 """
+import logging
 from typing import Sequence, Tuple
 
 import torch
@@ -18,6 +19,8 @@ from detectron2.config import configurable
 from .tokenizer import build_tokenizer
 
 __all__ = ["TextEncoder", "build_roberta"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_roberta(tokenizer, pretrained: str = "", hidden_size: int = 768,
@@ -91,6 +94,7 @@ class TextEncoder(nn.Module):
         self.output_dim = int(output_dim)
         self.proj = (nn.Identity() if self.output_dim == self.hidden_size
                      else nn.Linear(self.hidden_size, self.output_dim))
+        self.num_truncated = 0
 
     @classmethod
     def from_config(cls, cfg):
@@ -113,29 +117,38 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = False
+    def tokenize(self, texts: Sequence[str], truncate: bool = False, device=None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> ``(input_ids (B, L) int64, attention_mask (B, L) int64)`` on the module's
-        device, right-padded to the longest text, L <= context_length.
+        """Texts -> ``(input_ids (B, L) int64, attention_mask (B, L) int64)`` on ``device``
+        (default: the module's), right-padded to the longest text, L <= context_length.
 
         A text of more than context_length tokens (<s> and </s> included) raises a
         ValueError naming it and its token count, unless ``truncate``: then it is cut to
-        context_length tokens, its </s> kept."""
+        context_length tokens, its </s> kept, with a warning; ``num_truncated`` counts the
+        texts cut so far."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
         if len(texts) == 0 or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a non-empty list of strings, got "
                              f"{len(texts)} items of types {sorted({type(t).__name__ for t in texts})}")
-        if truncate:
-            enc = self.tokenizer(list(texts), padding="longest", truncation=True,
-                                 max_length=self.context_length, return_tensors="pt")
-        else:
-            enc = self.tokenizer(list(texts), padding="longest", truncation=False,
-                                 return_tensors="pt")
-            self._check_lengths(texts, enc["attention_mask"].sum(1).tolist())
-        device = self.device
-        return (enc["input_ids"].to(device=device, dtype=torch.long),
-                enc["attention_mask"].to(device=device, dtype=torch.long))
+        enc = self.tokenizer(list(texts), padding="longest", truncation=False,
+                             return_tensors="pt")
+        ids, attn = enc["input_ids"].long(), enc["attention_mask"].long()
+        if not truncate:
+            self._check_lengths(texts, attn.sum(1).tolist())
+        elif ids.shape[1] > self.context_length:
+            # Cut here rather than by the tokenizer's truncation, which cannot say which
+            # texts it cut: the count and the warning are the "counted, never silent" rule.
+            limit = self.context_length
+            cut = attn.sum(1) > limit                                        # (B,)
+            ids, attn = ids[:, :limit].clone(), attn[:, :limit].clone()
+            ids[cut, limit - 1] = self.tokenizer.eos_token_id
+            self.num_truncated += int(cut.sum())
+            logger.warning(f"{int(cut.sum())} text(s) of this batch are longer than "
+                           f"MODEL.TEXT_ENCODER.CONTEXT_LENGTH = {limit} tokens and were cut "
+                           f"(their </s> kept); {self.num_truncated} so far")
+        device = self.device if device is None else device
+        return ids.to(device), attn.to(device)
 
     def check_lengths(self, texts: Sequence[str], what: str = "text") -> None:
         """Raise a ValueError naming every text of more than context_length tokens (<s> and
