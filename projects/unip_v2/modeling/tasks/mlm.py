@@ -218,11 +218,16 @@ class MLMTask(Task):
         return model.text_encoder.tokenize(list(texts), truncate=True, device="cpu")
 
     def special_and_replacement_ids(self, model) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(special ids (S,), the other ids of the vocabulary (V - S,))."""
+        """(special ids (S,), the other ids of the vocabulary (V - S,)), on the CPU; built
+        once per tokenizer and vocabulary size (a real vocabulary has ~50k ids: not every
+        batch)."""
         tok = model.text_encoder.tokenizer
-        special = torch.as_tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-        vocab = torch.arange(model.target_bank.vocabulary_size)
-        return special, vocab[~torch.isin(vocab, special)]
+        key = (id(tok), model.target_bank.vocabulary_size)
+        if getattr(self, "_vocabulary_ids", (None,))[0] != key:
+            special = torch.as_tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+            vocab = torch.arange(model.target_bank.vocabulary_size)
+            self._vocabulary_ids = (key, special, vocab[~torch.isin(vocab, special)])
+        return self._vocabulary_ids[1], self._vocabulary_ids[2]
 
     def masked_batch(self, model, batched_inputs: List[Dict]
                      ) -> Tuple[torch.Tensor, torch.Tensor, MaskedTokens]:
