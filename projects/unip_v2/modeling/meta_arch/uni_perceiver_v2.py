@@ -118,6 +118,12 @@ class UniPerceiverV2(nn.Module):
         (B, 1 + G + O, width))."""
         return self.unified_decoder(self.image_segments(out))
 
+    def image_spe(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """(B, width): the <SPE> outputs of g on [<SPE>, global tokens, regional tokens] of a
+        batch's images (an input sequence: routing attribute TARGET off), the image side of
+        classification and retrieval."""
+        return self.decode_image(self.encode_images(batched_inputs)).spe
+
     # ---------------------------------------------------------------- tasks
     def task_of(self, batched_inputs: List[Dict]):
         """The task module a batch belongs to."""

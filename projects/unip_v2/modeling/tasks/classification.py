@@ -54,8 +54,8 @@ class ClassificationTask(Task):
 
     def image_logits(self, model, batched_inputs: List[Dict], names: List[str]) -> torch.Tensor:
         """(B, C): scale * cos(<SPE> output of the image, class embeddings)."""
-        spe = model.decode_image(model.encode_images(batched_inputs)).spe     # (B, width)
-        return class_logits(spe[:, None], model.target_bank(names), self.logit_scale())[:, 0]
+        return class_logits(model.image_spe(batched_inputs)[:, None], model.target_bank(names),
+                            self.logit_scale())[:, 0]
 
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         if not self.train_class_names:

@@ -197,6 +197,8 @@ class MLMTask(Task):
         self.mask_ratio = float(c.MASK_RATIO)
         self.mask_fraction = float(c.MASK_TOKEN_FRACTION)
         self.random_fraction = float(c.RANDOM_TOKEN_FRACTION)
+        # (tokenizer id, vocabulary size) -> special / replacement ids, built on first use
+        self._vocabulary_ids = None
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_dir: str):
@@ -223,7 +225,7 @@ class MLMTask(Task):
         batch)."""
         tok = model.text_encoder.tokenizer
         key = (id(tok), model.target_bank.vocabulary_size)
-        if getattr(self, "_vocabulary_ids", (None,))[0] != key:
+        if self._vocabulary_ids is None or self._vocabulary_ids[0] != key:
             special = torch.as_tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
             vocab = torch.arange(model.target_bank.vocabulary_size)
             self._vocabulary_ids = (key, special, vocab[~torch.isin(vocab, special)])

@@ -136,30 +136,20 @@ class RetrievalTask(Task):
         return ImageTextDatasetMapper(cfg, is_train=is_train,
                                       image_size=cfg.MODEL.RETRIEVAL.IMAGE_SIZE)
 
-    def encode_images(self, model, batched_inputs: List[Dict]) -> torch.Tensor:
-        """(B, width): the <SPE> outputs of g on [<SPE>, global tokens, regional tokens] (an
-        input: routing attribute TARGET off)."""
-        return model.decode_image(model.encode_images(batched_inputs)).spe
-
-    def encode_captions(self, model, captions: List[str]) -> torch.Tensor:
-        """(T, width): the <SPE> outputs of g on [<SPE>, f_text(caption)], each caption a
-        target (routing attribute TARGET on): `model.encode_targets`."""
-        return model.encode_targets(captions)
-
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         captions = _captions_of(batched_inputs, "caption")
-        img = self.encode_images(model, batched_inputs)
-        txt = self.encode_captions(model, captions)
+        img = model.image_spe(batched_inputs)
+        txt = model.encode_targets(captions)          # each caption a target (TARGET on)
         i2t, t2i = contrastive_losses(img, txt, self.logit_scale(), self.label_smoothing,
                                       gather=self.gather_features)
         return {"loss_i2t": self.loss_weight * i2t, "loss_t2i": self.loss_weight * t2i}
 
     def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
         captions = _captions_of(batched_inputs, "captions")
-        img = F.normalize(self.encode_images(model, batched_inputs).float(), dim=-1)
+        img = F.normalize(model.image_spe(batched_inputs).float(), dim=-1)
         # every caption of the batch in one pass through f_text and g, then split per image
         flat = [c for caps in captions for c in caps]
-        txt = F.normalize(self.encode_captions(model, flat).float(), dim=-1)
+        txt = F.normalize(model.encode_targets(flat).float(), dim=-1)
         per_image = torch.split(txt, [len(caps) for caps in captions])
         return [{"image_embedding": e, "caption_embeddings": t, "image_id": x.get("image_id")}
                 for e, t, x in zip(img, per_image, batched_inputs)]
