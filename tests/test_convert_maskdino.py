@@ -205,6 +205,21 @@ def test_r50_cli_output_loads_with_no_missing_keys(tmp_path, r50_model, r50_sour
     printed = capsys.readouterr().out
     assert "criterion.empty_weight" in printed and "two-stage anchors differ" in printed
 
+    # the config written next to the checkpoint: the target config, the checkpoint and Mask
+    # DINO's proposal-path conventions (the published COCO configs' mask2box by default)
+    config_path = str(tmp_path / "out" / "conv.yaml")
+    assert report["output_config"] == config_path and config_path in printed
+    written = get_cfg()
+    unip_v2.add_unip_v2_config(written)
+    written.merge_from_file(config_path)
+    ie = written.MODEL.IMAGE_ENCODER
+    assert written.MODEL.WEIGHTS == os.path.abspath(out_path)
+    assert (ie.TWO_STAGE_INVALID_TOKENS, ie.INITIALIZE_BOX_TYPE, ie.MASK_BOX_CONVENTION) == (
+        "zero", "mask2box", "pixel_index")
+    assert ie.NUM_QUERIES == 300 and written.MODEL.BACKBONE.PRETRAINED == ""
+    # a "low2high" Mask DINO sized its anchors 0.05 * 2**l in its reversed decoder order
+    assert list(ie.TWO_STAGE_ANCHOR_SIZES) == [0.4, 0.2, 0.1, 0.05]   # s8, s16, s32, s64
+
     checkpointer = DetectionCheckpointer(r50_model)
     checkpoint = checkpointer._load_file(out_path)
     assert checkpoint["matching_heuristics"] is False and "__author__" in checkpoint

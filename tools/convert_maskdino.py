@@ -6,11 +6,19 @@ decoder and predictor become unip-v2's backbone, pixel encoder and proposal deco
 
     python tools/convert_maskdino.py --config-file configs/proposal_network/R50_coco.yaml \
         --input maskdino_r50.pth --output unip_v2_r50_from_maskdino.pth
-    python tools/train_net.py --config-file configs/proposal_network/R50_coco.yaml \
-        MODEL.WEIGHTS unip_v2_r50_from_maskdino.pth
+    python tools/train_net.py --config-file unip_v2_r50_from_maskdino.yaml --eval-only
+
+Next to the checkpoint it writes its config (``--output`` with ``.yaml``): the target config,
+the trailing overrides, MODEL.WEIGHTS, and the proposal-path conventions under which the
+converted model computes what Mask DINO computes (``MODEL.IMAGE_ENCODER.
+TWO_STAGE_INVALID_TOKENS zero``, the ``MASK_BOX_CONVENTION`` of ``--box-init``, Mask DINO's
+INITIALIZE_BOX_TYPE, and Mask DINO's ``TWO_STAGE_ANCHOR_SIZES``; unip-v2's defaults differ,
+see config.py).
 
 Options: ``--decoder-layers 0,1,2,3,4,5`` picks which of Mask DINO's (9) decoder layers
 to keep, as many as MODEL.IMAGE_ENCODER.DEC_LAYERS (default: the first ones);
+``--box-init mask2box|bitmask|no`` (MODEL.MaskDINO.INITIALIZE_BOX_TYPE of the checkpoint's
+Mask DINO config; its published COCO configs say mask2box);
 ``--class-head mean|fresh`` (the class head, see
 ``unip_v2.checkpoint.maskdino``); ``--feature-order auto|low2high|high2low`` overrides
 the detection of Mask DINO's SEM_SEG_HEAD.FEATURE_ORDER; ``--report-json PATH`` saves the
@@ -33,8 +41,10 @@ from typing import Dict
 
 import unip_v2  # noqa: F401  (first: registers everything and makes detectron2 importable)
 from unip_v2.checkpoint.maskdino import (
+    BOX_INIT_CONVENTIONS,
     build_target_model,
     convert_maskdino,
+    converted_config,
     format_report,
     load_maskdino_checkpoint,
     save_converted,
@@ -56,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--feature-order", choices=("auto", "low2high", "high2low"),
                         default="auto", help="Mask DINO's SEM_SEG_HEAD.FEATURE_ORDER (default: "
                                              "detected from the input projections)")
+    parser.add_argument("--box-init", choices=sorted(BOX_INIT_CONVENTIONS), default="mask2box",
+                        help="MODEL.MaskDINO.INITIALIZE_BOX_TYPE of the checkpoint's Mask DINO "
+                             "config; sets the written config's initial-box convention")
     parser.add_argument("--report-json", default=None, help="also save the report here")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the fresh initialisation of the keys Mask DINO lacks")
@@ -71,10 +84,16 @@ def main(argv=None) -> Dict:
                                      class_head=args.class_head,
                                      feature_order=args.feature_order)
     save_converted(state, args.output, args.input)
-    report["input"], report["output"], report["config"] = (
-        args.input, args.output, args.config_file)
+    config_path = os.path.splitext(args.output)[0] + ".yaml"
+    with open(config_path, "w") as f:
+        f.write(converted_config(args.config_file, args.opts, os.path.abspath(args.output),
+                                 args.box_init, report["target"]["maskdino_anchor_sizes"]).dump())
+    report["input"], report["output"], report["config"], report["output_config"] = (
+        args.input, args.output, args.config_file, config_path)
     print(format_report(report))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and its config {config_path} (Mask DINO's proposal-path "
+          f"conventions on; evaluate with: python tools/train_net.py --config-file "
+          f"{config_path} --eval-only)")
     if args.report_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.report_json)), exist_ok=True)
         with open(args.report_json, "w") as f:

@@ -96,6 +96,20 @@ def add_unip_v2_config(cfg: CN) -> None:
     # Initial decoder boxes from the two-stage masks ("mask2box", Mask DINO's mask-enhanced
     # anchor box initialisation) or from the selected anchors' refined boxes ("none").
     cfg.MODEL.IMAGE_ENCODER.INITIALIZE_BOX_TYPE = "mask2box"
+    # What "mask2box" takes a mask pixel to be: "unit_square" (pixel x covers [x, x + 1),
+    # the image's geometry) or "pixel_index" (Mask DINO's mask2box: boxes half a pixel
+    # up-left and one pixel smaller). A converted Mask DINO checkpoint's config says
+    # "pixel_index" (tools/convert_maskdino.py writes it).
+    cfg.MODEL.IMAGE_ENCODER.MASK_BOX_CONVENTION = "unit_square"
+    # Two-stage selection of encoder tokens whose anchor leaves (0.01, 0.99) or that lie on
+    # padding: "exclude" (never chosen as queries: no image content, one shared score) or
+    # "zero" (Mask DINO: features zeroed but selectable, two-stage boxes at 1). A converted
+    # Mask DINO checkpoint's config says "zero" (tools/convert_maskdino.py writes it).
+    cfg.MODEL.IMAGE_ENCODER.TWO_STAGE_INVALID_TOKENS = "exclude"
+    # Side of the two-stage anchor boxes per encoder level, fine to coarse (stride 8
+    # first); empty: 0.05 * 2**l (DINO's). A converted Mask DINO checkpoint's config carries
+    # the sizes it was trained with (its "low2high" models: 0.4 at stride 8 ... 0.05 at 64).
+    cfg.MODEL.IMAGE_ENCODER.TWO_STAGE_ANCHOR_SIZES = []
     # M of Eq. 9: side of the adaptive average pool applied to each proposal's mask logits.
     cfg.MODEL.IMAGE_ENCODER.MASK_POOL_SIZE = 28
     # M' of Eq. 3: attention pools over F3, each with its own learned query.

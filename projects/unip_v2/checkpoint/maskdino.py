@@ -46,12 +46,30 @@ Mapping:
   ``label_enc`` (denoising content) = mean of its 80 rows. ``fresh``: both keep the
   freshly built model's initialisation (objectness prior 0.01).
 
-Approximate, so fine-tune after converting: one linear layer cannot express "max over 80
-classes", which drives the two-stage top-k; dropped levels and decoder layers change what
-the kept ones see (the deformable attention's softmax renormalises over fewer levels);
-the two-stage anchor sizes are not weights and cannot be converted: Mask DINO's
-"low2high" checkpoints give stride 8 anchors of 0.4 and stride 64 of 0.05 (0.05 * 2**l
-in their reversed decoder order), unip-v2 gives stride 8 0.05 (the report states both).
+Conventions. Where unip-v2's proposal path deliberately differs from Mask DINO's, a config
+key switches it (``ProposalDecoder`` says why each default is what it is), and
+``converted_config`` / the command line's written config turn on Mask DINO's side
+(``maskdino_conventions``): ``TWO_STAGE_INVALID_TOKENS zero`` (tokens whose anchor leaves
+(0.01, 0.99), and padding, stay selectable with zeroed features, boxes at 1),
+``MASK_BOX_CONVENTION pixel_index`` (Mask DINO's "mask2box"; ``--box-init bitmask`` gives
+``unit_square``, ``no`` turns the initialisation off), and ``TWO_STAGE_ANCHOR_SIZES``
+(Mask DINO's anchor sizes: its "low2high" checkpoints give the stride-8 level 0.4 and the
+stride-64 level 0.05, in their reversed decoder order). Checked once against Mask DINO's
+own code (R50 ``3s_dowsample1_2048`` config with a one-class head, random perturbed weights,
+all 9 decoder layers kept, 256 and 512 px): the same top-300 tokens, in the same order up to
+ties between identical zeroed tokens, and final boxes within 4e-7.
+
+Differences that remain, so fine-tune after converting:
+* the class head: one linear objectness logit cannot express "max over 80 classes", which
+  drives Mask DINO's two-stage top-k (exact only for a one-class Mask DINO);
+* dropped levels and decoder layers change what the kept ones see (the deformable
+  attention's softmax renormalises over fewer levels; ``--decoder-layers`` with
+  ``MODEL.IMAGE_ENCODER.DEC_LAYERS 9`` keeps all nine);
+* an empty two-stage mask: Mask DINO's "mask2box" turns it into a degenerate box (zero
+  size at the canvas corner; "bitmask": an all-zero box), unip-v2 keeps that query's
+  two-stage box;
+* what Mask DINO trains with (80-class losses, label noise in denoising, its panoptic and
+  semantic heads) is not converted: unip-v2 trains its own class-agnostic objective.
 """
 import logging
 import os
@@ -62,7 +80,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
 from ..config import add_unip_v2_config
@@ -70,9 +88,10 @@ from ..modeling.backbone.pretrained import convert_backbone_weights, read_weight
 from ..modeling.image_encoder import ImageEncoder
 
 __all__ = [
-    "LevelMap", "SourceLevels", "align_levels", "build_target_model", "convert_maskdino",
-    "detect_source_levels", "format_report", "load_maskdino_checkpoint", "save_converted",
-    "select_levels",
+    "BOX_INIT_CONVENTIONS", "LevelMap", "SourceLevels", "align_levels", "build_target_model",
+    "convert_maskdino", "converted_config", "detect_source_levels", "format_report",
+    "load_maskdino_checkpoint", "maskdino_conventions", "save_converted", "select_levels",
+    "target_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -518,7 +537,10 @@ def _image_encoder_of(model: nn.Module) -> Tuple[str, ImageEncoder]:
     return (name + "." if name else ""), module
 
 
-def _level_notes(conv: _Conversion, levels: LevelMap, chosen: List[int], num_source: int) -> None:
+def _level_notes(conv: _Conversion, levels: LevelMap, chosen: List[int],
+                 num_source: int) -> List[float]:
+    """Notes on levels, anchors and decoder layers; returns Mask DINO's two-stage anchor
+    sizes of unip-v2's levels, fine to coarse."""
     src = levels.source
     names = levels.source_names
     conv.notes.append(
@@ -546,13 +568,15 @@ def _level_notes(conv: _Conversion, levels: LevelMap, chosen: List[int], num_sou
 
     if any(abs(src_sizes[r] - s) > 1e-12 for r, s in tgt_sizes.items()):
         conv.notes.append(
-            f"two-stage anchors differ and cannot be converted (they are not weights): Mask "
-            f"DINO used {fmt(src_sizes)}; unip-v2 uses {fmt(tgt_sizes)}. The two-stage box "
-            f"head learned offsets from Mask DINO's sizes: fine-tune.")
+            f"two-stage anchors differ from unip-v2's default sizes (they are not weights): "
+            f"Mask DINO used {fmt(src_sizes)}; unip-v2's default is {fmt(tgt_sizes)}. The "
+            f"config written with the checkpoint sets MODEL.IMAGE_ENCODER."
+            f"TWO_STAGE_ANCHOR_SIZES to Mask DINO's.")
     else:
         conv.notes.append(f"two-stage anchors: the same as Mask DINO's ({fmt(tgt_sizes)}).")
     if len(chosen) != num_source or chosen != list(range(num_source)):
         conv.notes.append(f"decoder: kept Mask DINO layers {chosen} of 0..{num_source - 1}.")
+    return [src_sizes[levels.rank(t)] for t in range(levels.num_target)]
 
 
 def convert_maskdino(source: Dict[str, torch.Tensor], model: nn.Module, *,
@@ -631,7 +655,7 @@ def convert_maskdino(source: Dict[str, torch.Tensor], model: nn.Module, *,
                          "model (backbone, HIDDEN_DIM, DIM_FEEDFORWARD, MASK_DIM, ENC_LAYERS, "
                          "NUM_FEATURE_LEVELS)?")
 
-    _level_notes(conv, levels, chosen, num_source_dec)
+    anchor_sizes = _level_notes(conv, levels, chosen, num_source_dec)
     src = levels.source
     report = {
         "source": {"keys": len(source), "backbone_layout": layout, "feature_order": src.order,
@@ -642,7 +666,8 @@ def convert_maskdino(source: Dict[str, torch.Tensor], model: nn.Module, *,
         "target": {"model": type(model).__name__, "keys": len(target),
                    "levels": [levels.source_names[levels.rank(t)]
                               for t in range(levels.num_target)],
-                   "decoder_layers_from": chosen, "class_head": class_head},
+                   "decoder_layers_from": chosen, "class_head": class_head,
+                   "maskdino_anchor_sizes": anchor_sizes},
         "mapped": {prefix + k: v for k, v in conv.mapped.items()},
         "dropped": dict(sorted(conv.dropped.items())),
         "initialised": initialised,
@@ -670,13 +695,60 @@ def save_converted(state: Dict[str, torch.Tensor], path: str, source_path: str) 
                 f"{os.path.basename(source_path)}", "matching_heuristics": False}, path)
 
 
-def build_target_model(config_file: str, opts: Sequence[str] = (), seed: int = 0) -> nn.Module:
-    """The model of `config_file` + `opts` on CPU, fresh (no ImageNet weights: the
-    checkpoint's backbone replaces them anyway)."""
+# Mask DINO's MODEL.MaskDINO.INITIALIZE_BOX_TYPE (how its checkpoint was trained to start
+# the decoder's boxes) -> the unip-v2 keys that compute the same initial boxes.
+BOX_INIT_CONVENTIONS = {
+    "mask2box": {"INITIALIZE_BOX_TYPE": "mask2box", "MASK_BOX_CONVENTION": "pixel_index"},
+    "bitmask": {"INITIALIZE_BOX_TYPE": "mask2box", "MASK_BOX_CONVENTION": "unit_square"},
+    "no": {"INITIALIZE_BOX_TYPE": "none"},
+}
+
+
+def maskdino_conventions(box_init: str = "mask2box",
+                         anchor_sizes: Optional[Sequence[float]] = None) -> List:
+    """Config overrides (KEY VALUE ...) under which a converted checkpoint's proposal path
+    computes what Mask DINO's does: tokens without a valid anchor stay selectable with
+    zeroed features (TWO_STAGE_INVALID_TOKENS "zero"), the initial decoder boxes follow
+    `box_init`, the INITIALIZE_BOX_TYPE of the checkpoint's Mask DINO config, and the
+    two-stage anchors have Mask DINO's sizes (`anchor_sizes`, the report's
+    ``target.maskdino_anchor_sizes``; None keeps the config's). unip-v2's defaults differ
+    on purpose; ``ProposalDecoder`` says why."""
+    if box_init not in BOX_INIT_CONVENTIONS:
+        raise ValueError(f"box_init must be one of {sorted(BOX_INIT_CONVENTIONS)} (Mask DINO's "
+                         f"MODEL.MaskDINO.INITIALIZE_BOX_TYPE), got {box_init!r}")
+    opts = ["MODEL.IMAGE_ENCODER.TWO_STAGE_INVALID_TOKENS", "zero"]
+    for key, value in BOX_INIT_CONVENTIONS[box_init].items():
+        opts += [f"MODEL.IMAGE_ENCODER.{key}", value]
+    if anchor_sizes is not None:
+        opts += ["MODEL.IMAGE_ENCODER.TWO_STAGE_ANCHOR_SIZES", [float(a) for a in anchor_sizes]]
+    return opts
+
+
+def target_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """unip-v2's config of the target model: `config_file` + `opts`."""
     cfg = get_cfg()
     add_unip_v2_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def converted_config(config_file: str, opts: Sequence[str], weights: str,
+                     box_init: str = "mask2box",
+                     anchor_sizes: Optional[Sequence[float]] = None) -> CfgNode:
+    """The config to evaluate or fine-tune a converted checkpoint with: the target config,
+    `opts`, MODEL.WEIGHTS = `weights`, Mask DINO's conventions (`maskdino_conventions`) and
+    no separate backbone weights (the checkpoint holds the backbone)."""
+    cfg = target_config(config_file, list(opts) + maskdino_conventions(box_init, anchor_sizes))
+    cfg.MODEL.WEIGHTS = weights
+    cfg.MODEL.BACKBONE.PRETRAINED = ""
+    return cfg
+
+
+def build_target_model(config_file: str, opts: Sequence[str] = (), seed: int = 0) -> nn.Module:
+    """The model of `config_file` + `opts` on CPU, fresh (no ImageNet weights: the
+    checkpoint's backbone replaces them anyway)."""
+    cfg = target_config(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.PRETRAINED = ""
     torch.manual_seed(seed)

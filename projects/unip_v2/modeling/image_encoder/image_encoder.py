@@ -79,7 +79,9 @@ class ImageEncoder(nn.Module):
             ie.DIM_FEEDFORWARD, ie.DROPOUT, ie.DEC_N_POINTS, ie.MASK_DIM,
             initialize_box_type=ie.INITIALIZE_BOX_TYPE, dn_enabled=ie.DN.ENABLED,
             dn_budget=ie.DN.NUM_QUERIES_BUDGET, dn_box_noise_scale=ie.DN.BOX_NOISE_SCALE,
-            backend=backend)
+            backend=backend, invalid_tokens=ie.TWO_STAGE_INVALID_TOKENS,
+            mask_box_convention=ie.MASK_BOX_CONVENTION,
+            anchor_sizes=list(ie.TWO_STAGE_ANCHOR_SIZES))
         global_feature = ie.IN_FEATURES[-1]
         return {
             "backbone": backbone,

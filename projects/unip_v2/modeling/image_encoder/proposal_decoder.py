@@ -12,25 +12,32 @@ Parameter names follow Mask DINO's predictor (enc_output, class_embed, _bbox_emb
 mask_embed, decoder_norm, decoder.layers, decoder.ref_point_head, label_enc), plus
 query_embed.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ...layers import MLP
-from ...utils.box_ops import inverse_sigmoid, masks_to_boxes_normalized
+from ...utils.box_ops import MASK_BOX_CONVENTIONS, inverse_sigmoid, masks_to_boxes_normalized
 from .deformable_transformer import DeformableDecoderLayer
 from .denoising import DenoisingQueries, build_contrastive_denoising_queries
 from .pixel_encoder import PixelEncoderOutput
 from .position_encoding import box_sine_embedding
 
-__all__ = ["ProposalDecoder", "two_stage_anchors"]
+__all__ = ["INVALID_TOKEN_MODES", "ProposalDecoder", "two_stage_anchors"]
+
+# What two-stage selection does with tokens that have no valid anchor (see ProposalDecoder).
+INVALID_TOKEN_MODES = ("exclude", "zero")
+# A finite stand-in for Mask DINO's +inf anchor logit: sigmoid(x + 1e4) is exactly 1 in
+# float32 for any box-head output x above -9980, and no inf enters the graph (or its
+# gradients).
+_SATURATED_LOGIT = 1e4
 
 
 def two_stage_anchors(spatial_shapes: torch.Tensor, memory_padding_mask: torch.Tensor,
-                      base_size: float = 0.05):
+                      base_size: float = 0.05, sizes: Optional[Sequence[float]] = None):
     """One anchor box per encoder token: centred on it, side base_size * 2**l at level l
-    (l = 0 at stride 8, DINO's convention).
+    (l = 0 at stride 8, DINO's convention), or sizes[l] when given (levels fine to coarse).
 
     Returns:
         anchor_logits: (B, S, 4) inverse-sigmoid (cx, cy, w, h) on the padded canvas; 0 at
@@ -43,7 +50,7 @@ def two_stage_anchors(spatial_shapes: torch.Tensor, memory_padding_mask: torch.T
         ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
                                 (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w,
                                 indexing="ij")
-        wh = torch.full_like(xs, base_size * 2.0 ** lvl)
+        wh = torch.full_like(xs, float(sizes[lvl]) if sizes else base_size * 2.0 ** lvl)
         anchors.append(torch.stack((xs, ys, wh, wh), -1).reshape(-1, 4))
     anchors = torch.cat(anchors, 0)[None].expand(memory_padding_mask.shape[0], -1, -1)
     valid = ((anchors > 0.01) & (anchors < 0.99)).all(-1) & ~memory_padding_mask
@@ -62,19 +69,52 @@ class ProposalDecoder(nn.Module):
         hidden_dim: d. num_queries: N. num_levels: L. dec_layers, nheads, dim_feedforward,
         dropout, dec_n_points: Table 7. mask_dim: channels of the Eq. 8 mask map.
         initialize_box_type: "mask2box" | "none" (see config.py).
+        invalid_tokens: two-stage selection of the tokens whose anchor leaves (0.01, 0.99)
+            or that lie on padding (their features are zeroed in both modes):
+            "exclude": never selected. Such a token carries no image content, all of them
+                share one score, and its anchor lies partly outside the image, so a query
+                spent on it is a query lost; this is the default for models trained here.
+            "zero": selectable, as in Mask DINO (its ``gen_encoder_output_proposals``
+                gives them +inf anchor logits, so their two-stage boxes are exactly
+                (1, 1, 1, 1)). A converted Mask DINO checkpoint was trained with this and
+                selects them, so the converter's config turns it on.
+        anchor_sizes: the side of the two-stage anchors of each level, fine to coarse
+            (default 0.05 * 2**l); a converted Mask DINO checkpoint brings its own (its
+            "low2high" models give the stride-8 level 0.4 and the stride-64 level 0.05).
+        mask_box_convention: "unit_square" | "pixel_index", how "mask2box" reads a mask
+            pixel (`masks_to_boxes_normalized`). "unit_square" is the image's geometry
+            (a mask of columns x0..x1 covers [x0, x1 + 1)) and the default; "pixel_index" is
+            Mask DINO's "mask2box" (DETR's ``masks_to_boxes``), whose boxes sit half a mask
+            pixel up-left and one pixel smaller, and which a converted checkpoint's decoder
+            learned to refine.
         dn_enabled, dn_budget, dn_box_noise_scale: contrastive denoising (training only).
     """
 
     def __init__(self, hidden_dim: int, num_queries: int, num_levels: int, dec_layers: int,
                  nheads: int, dim_feedforward: int, dropout: float, dec_n_points: int,
                  mask_dim: int, initialize_box_type: str = "mask2box", dn_enabled: bool = True,
-                 dn_budget: int = 100, dn_box_noise_scale: float = 1.0, backend: str = "auto"):
+                 dn_budget: int = 100, dn_box_noise_scale: float = 1.0, backend: str = "auto",
+                 invalid_tokens: str = "exclude", mask_box_convention: str = "unit_square",
+                 anchor_sizes: Optional[Sequence[float]] = None):
         super().__init__()
         if initialize_box_type not in ("mask2box", "none"):
             raise ValueError(f"ProposalDecoder: initialize_box_type must be 'mask2box' or "
                              f"'none', got {initialize_box_type!r}")
+        if invalid_tokens not in INVALID_TOKEN_MODES:
+            raise ValueError(f"ProposalDecoder: invalid_tokens must be one of "
+                             f"{INVALID_TOKEN_MODES}, got {invalid_tokens!r}")
+        if mask_box_convention not in MASK_BOX_CONVENTIONS:
+            raise ValueError(f"ProposalDecoder: mask_box_convention must be one of "
+                             f"{MASK_BOX_CONVENTIONS}, got {mask_box_convention!r}")
+        if anchor_sizes and (len(anchor_sizes) != num_levels
+                             or not all(0 < a < 1 for a in anchor_sizes)):
+            raise ValueError(f"ProposalDecoder: anchor_sizes must hold one size in (0, 1) per "
+                             f"level ({num_levels}), got {list(anchor_sizes)}")
+        self.anchor_sizes = [float(a) for a in anchor_sizes] if anchor_sizes else None
         self.num_queries = num_queries
         self.initialize_box_type = initialize_box_type
+        self.invalid_tokens = invalid_tokens
+        self.mask_box_convention = mask_box_convention
         self.dn_enabled, self.dn_budget, self.dn_box_noise_scale = (
             dn_enabled, dn_budget, dn_box_noise_scale)
         d = hidden_dim
@@ -145,10 +185,15 @@ class ProposalDecoder(nn.Module):
         """
         memory, mask_features = enc.memory, enc.mask_features
         B, S, _ = memory.shape
-        anchor_logits, valid = two_stage_anchors(enc.spatial_shapes, enc.memory_padding_mask)
+        anchor_logits, valid = two_stage_anchors(enc.spatial_shapes, enc.memory_padding_mask,
+                                                 sizes=self.anchor_sizes)
         output_memory = self.enc_output_norm(
             self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-        scores = self.class_embed(output_memory)[..., 0].masked_fill(~valid, float("-inf"))
+        scores = self.class_embed(output_memory)[..., 0]
+        if self.invalid_tokens == "exclude":
+            scores = scores.masked_fill(~valid, float("-inf"))
+        else:
+            anchor_logits = anchor_logits.masked_fill(~valid[..., None], _SATURATED_LOGIT)
         enc_box_logits = self._bbox_embed(output_memory) + anchor_logits
 
         Q = min(self.num_queries, S)
@@ -165,7 +210,8 @@ class ProposalDecoder(nn.Module):
             # better first guess than the anchor refinement; empty masks keep the latter.
             with torch.no_grad():
                 interm_masks = self.masks_from_embed(interm_embed, mask_features)
-                mask_boxes, nonempty = masks_to_boxes_normalized(interm_masks > 0)
+                mask_boxes, nonempty = masks_to_boxes_normalized(
+                    interm_masks > 0, self.mask_box_convention)
             ref_logits = torch.where(nonempty[..., None], inverse_sigmoid(mask_boxes), ref_logits)
         tgt = tgt_undetach.detach() + self.query_embed.weight[:Q]
 
