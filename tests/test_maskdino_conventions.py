@@ -13,7 +13,6 @@ The oracles are hand counts and other libraries' implementations; no Mask DINO c
 """
 import pytest
 import torch
-from torch import nn
 
 import unip_v2  # noqa: F401  first: makes detectron2 importable
 

@@ -36,8 +36,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.projects.deeplab import add_deeplab_config
 
-from unip_v2 import add_unip_v2_config
-from unip_v2.checkpoint.maskdino import convert_maskdino, converted_config
+from unip_v2.checkpoint.maskdino import build_target_model, convert_maskdino, converted_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_CONFIG = os.path.join(REPO, "configs", "proposal_network", "R50_coco.yaml")
@@ -90,12 +89,11 @@ def build_maskdino(root: str, config: str, select_zeroed: bool):
     return model, cfg
 
 
-def run_maskdino(model, images):
-    """Mask DINO's final boxes, objectness, masks, two-stage boxes and chosen tokens."""
-    from maskdino.modeling.transformer_decoder import maskdino_decoder
-
-    seen = {}
-    topk = torch.topk
+@contextlib.contextmanager
+def first_topk_indices(owner, seen: dict):
+    """While active, ``owner.topk`` (torch or torch.Tensor) also stores the indices of its
+    first call with k = 300 (the two-stage selection) in seen["topk"]."""
+    topk = owner.topk
 
     def recording_topk(x, k, *args, **kwargs):
         out = topk(x, k, *args, **kwargs)
@@ -103,6 +101,18 @@ def run_maskdino(model, images):
             seen["topk"] = out[1]
         return out
 
+    owner.topk = recording_topk
+    try:
+        yield
+    finally:
+        owner.topk = topk
+
+
+def run_maskdino(model, images):
+    """Mask DINO's final boxes, objectness, masks, two-stage boxes and chosen tokens."""
+    from maskdino.modeling.transformer_decoder import maskdino_decoder
+
+    seen = {}
     proposals = maskdino_decoder.gen_encoder_output_proposals
 
     def recording_proposals(memory, padding_mask, spatial_shapes):
@@ -111,35 +121,23 @@ def run_maskdino(model, images):
         seen["shapes"] = spatial_shapes.tolist()
         return out
 
-    torch.topk, maskdino_decoder.gen_encoder_output_proposals = recording_topk, recording_proposals
+    maskdino_decoder.gen_encoder_output_proposals = recording_proposals
     try:
-        with torch.no_grad():
+        with torch.no_grad(), first_topk_indices(torch, seen):
             x = (images - model.pixel_mean) / model.pixel_std
             out, _ = model.sem_seg_head(model.backbone(x))
     finally:
-        torch.topk, maskdino_decoder.gen_encoder_output_proposals = topk, proposals
+        maskdino_decoder.gen_encoder_output_proposals = proposals
     return {"boxes": out["pred_boxes"], "logits": out["pred_logits"], "masks": out["pred_masks"],
             "interm_boxes": out["interm_outputs"]["pred_boxes"], **seen}
 
 
 def run_unip_v2(model, images):
     seen = {}
-    topk = torch.Tensor.topk
-
-    def recording_topk(x, k, *args, **kwargs):
-        out = topk(x, k, *args, **kwargs)
-        if k == QUERIES and "topk" not in seen:
-            seen["topk"] = out[1]
-        return out
-
-    torch.Tensor.topk = recording_topk
-    try:
-        with torch.no_grad():
-            pre = model.preprocessor
-            x = (images - pre.pixel_mean) / pre.pixel_std
-            rpn = model.image_encoder(x, [tuple(images.shape[-2:])] * len(images)).rpn
-    finally:
-        torch.Tensor.topk = topk
+    with torch.no_grad(), first_topk_indices(torch.Tensor, seen):
+        pre = model.preprocessor
+        x = (images - pre.pixel_mean) / pre.pixel_std
+        rpn = model.image_encoder(x, [tuple(images.shape[-2:])] * len(images)).rpn
     last = rpn["layers"][-1]
     return {"boxes": last["pred_boxes"], "logits": last["pred_logits"], "masks": last["pred_masks"],
             "interm_boxes": rpn["interm"]["pred_boxes"], **seen}
@@ -165,25 +163,20 @@ def main(argv=None):
           f"{md_cfg.MODEL.SEM_SEG_HEAD.FEATURE_ORDER}, {md_cfg.MODEL.MaskDINO.DEC_LAYERS} "
           f"decoder layers")
 
-    opts = ["MODEL.IMAGE_ENCODER.DEC_LAYERS", str(md_cfg.MODEL.MaskDINO.DEC_LAYERS)]
-    target = get_cfg()
-    add_unip_v2_config(target)
-    target.merge_from_file(TARGET_CONFIG)
-    target.merge_from_list(opts + ["MODEL.DEVICE", "cpu"])
-    model = build_model(target).eval()
+    opts = ["MODEL.IMAGE_ENCODER.DEC_LAYERS", str(md_cfg.MODEL.MaskDINO.DEC_LAYERS),
+            "MODEL.DEVICE", "cpu"]
+    model = build_target_model(TARGET_CONFIG, opts)
     state, report = convert_maskdino(md_model.state_dict(), model)
     if args.defaults:
-        cfg = target
         print("unip-v2: its own defaults")
     else:
-        cfg = converted_config(TARGET_CONFIG, opts + ["MODEL.DEVICE", "cpu"], "",
-                               md_cfg.MODEL.MaskDINO.INITIALIZE_BOX_TYPE,
+        cfg = converted_config(TARGET_CONFIG, opts, "", md_cfg.MODEL.MaskDINO.INITIALIZE_BOX_TYPE,
                                report["target"]["maskdino_anchor_sizes"])
         ie = cfg.MODEL.IMAGE_ENCODER
         print(f"unip-v2: the converter's config: TWO_STAGE_INVALID_TOKENS "
               f"{ie.TWO_STAGE_INVALID_TOKENS}, MASK_BOX_CONVENTION {ie.MASK_BOX_CONVENTION}, "
               f"TWO_STAGE_ANCHOR_SIZES {list(ie.TWO_STAGE_ANCHOR_SIZES)}")
-    model = build_model(cfg).eval()
+        model = build_model(cfg).eval()
     missing = model.load_state_dict(state, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
 

@@ -2,7 +2,6 @@
 class-agnostic instance segmenter (its region proposal network's losses in training, the
 top general region proposals as detectron2 Instances at inference). A sibling of the
 generalist `UniPerceiverV2`, which puts tasks on top of the same image encoder."""
-import os
 from typing import Dict, List
 
 import torch

@@ -24,9 +24,9 @@ Masking (BERT's recipe, as Uni-Perceiver v1 uses it; MODEL.MLM):
   positions in every evaluation, alone or in any batch, and the val metric is reproducible.
 
 Texts longer than MODEL.TEXT_ENCODER.CONTEXT_LENGTH tokens (<s> and </s> included) are cut to
-it, keeping </s>, with a warning and a count (the text encoder's ``num_truncated``): for MLM the start of a long
-text is still a valid sample (BERT cuts corpus text into fixed-length pieces), whereas
-dropping long texts would bias the corpus towards short ones.
+it, keeping </s>, with a warning and a count (the text encoder's ``num_truncated``): for MLM
+the start of a long text is still a valid sample (BERT cuts corpus text into fixed-length
+pieces), whereas dropping long texts would bias the corpus towards short ones.
 """
 import logging
 from typing import Dict, List, NamedTuple, Sequence, Tuple
