@@ -1,4 +1,6 @@
 """TargetBank: cache hits in eval mode, invalidation on train()/eval() and on loading."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -92,9 +94,10 @@ def test_vocabulary_rows_are_the_token_encodings_cached_in_eval_only():
         Owner().bank.vocabulary()
 
 
-def _vocabulary_on_two_processes(rank, port, out):
+def _vocabulary_on_two_processes(rank, port, out_dir):
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     try:
@@ -102,12 +105,16 @@ def _vocabulary_on_two_processes(rank, port, out):
         vocab = m.bank.vocabulary()
         weights = torch.arange(V * D, dtype=torch.float32).view(V, D) * (rank + 1)
         (vocab * weights).sum().backward()
-        out.put((rank, vocab.detach(), m.table.weight.grad, m.bank.num_encodings))
+        # a file, not a multiprocessing queue: a queue hands tensors over as shared-memory
+        # file descriptors, which vanish when this process exits before the parent reads
+        # them (a FileNotFoundError seen on CI)
+        torch.save((rank, vocab.detach(), m.table.weight.grad, m.bank.num_encodings),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_vocabulary_is_sliced_over_processes_and_gathered_with_autograd():
+def test_vocabulary_is_sliced_over_processes_and_gathered_with_autograd(tmp_path):
     """World 2, V = 7: each process encodes ceil(7 / 2) = 4 ids (process 1: ids 4, 5, 6 and a
     copy of 6, trimmed), all-gathered. Process r's loss is sum(vocab * W (r + 1)); autograd's
     all_gather sends every process's gradient of a slice to the process that encoded it, so
@@ -120,16 +127,11 @@ def test_vocabulary_is_sliced_over_processes_and_gathered_with_autograd():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_vocabulary_on_two_processes, args=(r, port, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    # fork: a spawned process would import the test module's dependencies again; a worker
+    # that raises makes start_processes raise here
+    mp.start_processes(_vocabulary_on_two_processes, args=(port, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     table = VocabOwner().table.weight.detach()
     W = torch.arange(V * D, dtype=torch.float32).view(V, D)
     own = {0: slice(0, 4), 1: slice(4, 7)}
