@@ -120,8 +120,10 @@ def get_extensions():
     # -ffp-contract=off: no fused multiply-add unless the code asks for one (at::vec::fmadd), so
     # every instruction set computes the sampling geometry with the same roundings.
     # -Wno-unknown-pragmas: ATen's vector headers carry `#pragma unroll` and clang pragmas.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi",
-                                  "-Wno-unknown-pragmas"]}
+    # -fno-math-errno: sqrt may compile to the vector instruction (MT-AdamW's update loop);
+    # errno is never read, and no value changes.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+                                  "-Wno-psabi", "-Wno-unknown-pragmas"]}
     extra_link_args = ["-fopenmp"]
     define_macros = [(f"UNIP_V2_CPU_KERNELS_{isa.upper()}", None) for isa, _ in isa_sources]
     extension = CppExtension

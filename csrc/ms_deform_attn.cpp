@@ -1,6 +1,7 @@
 // Checks and device dispatch for the multi-scale deformable attention op, and the Python
 // module `unip_v2._C`.
 #include "ms_deform_attn.h"
+#include "mt_adamw.h"
 
 #include <c10/util/safe_numerics.h>
 
@@ -175,7 +176,10 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value,
 }  // namespace unip_v2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "unip_v2 compiled ops: multi-scale deformable attention (CPU and, if built, CUDA)";
+  m.doc() = "unip_v2 compiled ops: multi-scale deformable attention (CPU and, if built, CUDA) "
+            "and MT-AdamW's fused CPU update";
+  m.def("mt_adamw_step_cpu", &unip_v2::mt_adamw_step_cpu,
+        "MT-AdamW's update of CPU parameters in one pass each (csrc/cpu/mt_adamw_cpu.cpp)");
   m.def("ms_deform_attn_forward", &unip_v2::ms_deform_attn_forward,
         "multi-scale deformable attention, forward");
   m.def("ms_deform_attn_backward", &unip_v2::ms_deform_attn_backward,

@@ -1,6 +1,6 @@
 """tools/train_net.py's training, plus what tests/test_resume.py needs to watch and break it:
 
-    python tests/resume_runner.py --losses FILE [--resume] [--overwrite]
+    python tests/resume_runner.py --losses FILE [--config FILE] [--resume] [--overwrite]
         [--die-after I] [--kill-in-save I] -- KEY VALUE ...
 
 --losses: after every iteration, append {"iteration", "losses"} (the raw loss values of that
@@ -34,8 +34,10 @@ class RecordLosses(HookBase):
 
     def after_step(self):
         storage = self.trainer.storage
-        losses = {k: h.latest() for k, h in storage.histories().items()
-                  if k.startswith("loss") or k in ("total_loss", "lr")}
+        # values put this iteration (a multi-task run puts only the drawn task's losses)
+        losses = {k: v for k, (v, it) in storage.latest().items() if it == self.trainer.iter
+                  and (k.startswith("loss") or "/loss" in k or k in ("total_loss", "lr",
+                                                                     "task_drawn"))}
         with open(self.path, "a") as f:
             f.write(json.dumps({"iteration": self.trainer.iter, "losses": losses}) + "\n")
         if self.trainer.iter == self.die_after:
@@ -64,10 +66,12 @@ def main():
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--die-after", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--config", default="uni_perceiver_v2_R50_tiny.yaml",
+                        help="a file of configs/toy")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     ours = parser.parse_args()
     opts = ours.opts[1:] if ours.opts[:1] == ["--"] else ours.opts
-    argv = ["--config-file", os.path.join(REPO, "configs", "toy", "uni_perceiver_v2_R50_tiny.yaml")]
+    argv = ["--config-file", os.path.join(REPO, "configs", "toy", ours.config)]
     argv += ["--resume"] * ours.resume + ["--overwrite"] * ours.overwrite + opts
     args = train_net.get_parser().parse_args(argv)
     try:

@@ -201,8 +201,39 @@ def test_merged_groups_give_the_per_parameter_update(optimizer):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_mt_adamw_from_the_config_steps_the_models_groups():
+    """SOLVER.OPTIMIZER MT-ADAMW: the model's groups (lr multipliers, decay rules), merged; with
+    s_k = w_k = 1 and unit-norm gradients, three steps equal torch's AdamW one parameter at a
+    time. Full-model clipping (here at 0.5, below the unit norm) is not applied: MT-AdamW
+    normalises the gradient itself."""
+    from unip_v2.solver import MTAdamW
+
+    cfg = solver_cfg(OPTIMIZER="MT-ADAMW")
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED, cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = True, "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    torch.manual_seed(0)
+    fast, slow = model_like_uni_perceiver_v2(), model_like_uni_perceiver_v2()
+    slow.load_state_dict(fast.state_dict())
+    opt = build_optimizer(cfg, fast)
+    assert isinstance(opt, MTAdamW)
+    assert len(opt.param_groups) < len(optimizer_param_groups(cfg, fast))
+    ref = torch.optim.AdamW(optimizer_param_groups(cfg, slow), lr=1.0, betas=(0.9, 0.999),
+                            foreach=False)
+    trainable = [(a, b) for a, b in zip(fast.parameters(), slow.parameters()) if a.requires_grad]
+    for step in range(3):
+        grads = [torch.randn_like(a) for a, _ in trainable]
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        for (a, b), g in zip(trainable, grads):
+            a.grad, b.grad = g / norm, g / norm
+        opt.set_task(1.0, 1.0)
+        opt.step()
+        ref.step()
+    for a, b in trainable:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_optimizer_is_rejected():
-    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got 'LAMB'"):
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER must be 'ADAMW', 'MT-ADAMW' or 'SGD', got 'LAMB'"):
         build_optimizer(solver_cfg(OPTIMIZER="LAMB"), model_like_uni_perceiver_v2())
 
 

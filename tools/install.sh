@@ -217,7 +217,10 @@ spec = importlib.util.find_spec('unip_v2')
 want = os.path.realpath(os.path.join(sys.argv[1], 'projects', 'unip_v2', '__init__.py'))
 assert spec is not None and spec.origin and os.path.realpath(spec.origin) == want
 " "$ROOT") >/dev/null 2>&1; then
-    if [ "$(build_inplace)" = up-to-date ]; then
+    # build_inplace runs in a subshell here: its die ends only that subshell, so its status
+    # is checked (an unchecked failure used to report "done" over the old extension)
+    built="$(build_inplace)" || die "building unip_v2._C failed (the compiler's messages are above)"
+    if [ "$built" = up-to-date ]; then
         say "7/7 unip-v2: skipped (installed, unip_v2._C up to date)"
     else
         say "7/7 unip-v2: done (csrc changed: unip_v2._C recompiled in place)"

@@ -6,7 +6,8 @@ r"""Train or evaluate a unip-v2 model with detectron2's engine.
         --eval-only MODEL.WEIGHTS output/toy_uni_perceiver_v2/model_final.pth
     python tools/train_net.py --config-file ... --resume      # continue from the last checkpoint
     python tools/train_net.py --config-file ... --overwrite   # new run in a used OUTPUT_DIR
-    python tools/train_net.py --config-file ... --num-gpus N  # one process per GPU (untested yet)
+    python tools/train_net.py --config-file ... --num-gpus N  # one process per GPU (NCCL)
+    torchrun --nproc-per-node N tools/train_net.py --config-file ... MODEL.DEVICE cpu  # gloo
 
 Any trailing KEY VALUE pairs override the config. A new run refuses an OUTPUT_DIR that holds
 another run's checkpoints or metrics unless --resume or --overwrite says what to do with them.
@@ -16,13 +17,14 @@ import sys
 import unip_v2  # noqa: F401  first: registers everything and makes detectron2 importable
 
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from unip_v2 import add_unip_v2_config
 from unip_v2.engine import Trainer
 from unip_v2.engine.checkpointer import Checkpointer, check_finite_weights
+from unip_v2.engine.launch import launch
 from unip_v2.engine.output_dir import RunFolderInUseError, prepare_output_dir
 
 
@@ -34,12 +36,17 @@ def get_parser():
     return parser
 
 
-def setup(args):
+def load_config(args):
     cfg = get_cfg()
     add_unip_v2_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     if not args.eval_only and comm.is_main_process():
         # before default_setup writes its log there
         prepare_output_dir(cfg.OUTPUT_DIR, resume=args.resume, overwrite=args.overwrite)
@@ -85,5 +92,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(main, args, device=load_config(args).MODEL.DEVICE)

@@ -314,6 +314,16 @@ def add_unip_v2_config(cfg: CN) -> None:
     # the rest stay unchanged.
     cfg.MODEL.MLM.RANDOM_TOKEN_FRACTION = 0.1
 
+    # ---------------------------------------------------------------- multi-task training
+    # When DATASETS.TRAIN names datasets of several tasks (Sec. 4.4): "unmixed" (every
+    # iteration, all processes train the one task-dataset drawn from (SEED, iteration) with
+    # the sampling ratios) or "mixed" (every iteration holds a batch of every task-dataset,
+    # losses summed; Table 4's ablation, with AdamW).
+    cfg.DATALOADER.TASK_SAMPLING = "unmixed"
+    # Sampling ratio s_k of each DATASETS.TRAIN entry (normalised to sum 1); [] = every task
+    # equal, split over its datasets in proportion to sqrt(dataset size) (Table 8).
+    cfg.DATALOADER.SAMPLING_RATIOS = []
+
     # ---------------------------------------------------------------- input
     # Dataset mapper of the training loader: "coco_instance_lsj" (random resize by scale +
     # fixed-size crop, boxes recomputed from the cropped masks).
@@ -326,7 +336,8 @@ def add_unip_v2_config(cfg: CN) -> None:
     cfg.INPUT.MAX_SCALE = 2.0
 
     # ---------------------------------------------------------------- solver
-    # "ADAMW" (the paper's; MT-AdamW comes with multi-task training) or "SGD".
+    # "ADAMW", "MT-ADAMW" (Sec. 4.4: each step's gradient normalised, weighted by its task's
+    # w_k and compensated by its sampling ratio s_k; for multi-task training) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the image encoder's backbone (0.1 for pretrained
     # encoders, Sec. 5.2).

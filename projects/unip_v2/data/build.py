@@ -41,7 +41,8 @@ from detectron2.utils import comm
 
 from ..utils.rng import derived_seed, fork_rng
 
-__all__ = ["IndexStream", "ResumableTrainLoader", "batch_per_process", "build_train_loader"]
+__all__ = ["IndexStream", "ResumableTrainLoader", "batch_per_process", "build_train_loader",
+           "train_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +204,18 @@ def batch_per_process(cfg, batch_size: int = 0) -> int:
     return cfg.SOLVER.IMS_PER_BATCH // world
 
 
-def build_train_loader(cfg, mapper: Callable, batch_size: int = 0) -> ResumableTrainLoader:
-    """The resumable loader over cfg.DATASETS.TRAIN (see the module docstring), with
-    `batch_per_process` (cfg, batch_size) samples per process and iteration.
+def build_train_loader(cfg, mapper: Callable, batch_size: int = 0,
+                       dataset_names: Optional[Sequence[str]] = None,
+                       seed: Optional[int] = None) -> ResumableTrainLoader:
+    """The resumable loader over ``dataset_names`` (default cfg.DATASETS.TRAIN; see the module
+    docstring), with `batch_per_process` (cfg, batch_size) samples per process and iteration.
 
-    The stream's seed is cfg.SEED, or, when SEED < 0, one random seed shared by all processes
-    (saved in checkpoints, so a resumed run keeps its stream).
+    The stream's seed is ``seed``, else cfg.SEED, or, when SEED < 0, one random seed shared by
+    all processes (saved in checkpoints, so a resumed run keeps its stream).
     """
     dicts = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        list(cfg.DATASETS.TRAIN if dataset_names is None else dataset_names),
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     per_process = batch_per_process(cfg, batch_size)
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name == "TrainingSampler":
@@ -223,8 +227,14 @@ def build_train_loader(cfg, mapper: Callable, batch_size: int = 0) -> ResumableT
         raise NotImplementedError(f"DATALOADER.SAMPLER_TRAIN={name!r} is not supported by "
                                   "unip-v2's train loader (TrainingSampler, "
                                   "RepeatFactorTrainingSampler)")
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    if seed is None:
+        seed = train_seed(cfg)
     dataset = DatasetFromList(dicts, copy=False)
     return ResumableTrainLoader(dataset, mapper, IndexStream(len(dataset), seed, repeat_factors),
                                 per_process,
                                 num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+
+def train_seed(cfg) -> int:
+    """cfg.SEED, or, when SEED < 0, one random seed shared by all processes."""
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()

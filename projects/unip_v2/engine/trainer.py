@@ -14,21 +14,28 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
+from typing import List
 
 import torch
 
-from detectron2.engine import DefaultTrainer
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
+                               create_ddp_model)
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from ..data.build import build_train_loader
+from ..data.build import build_train_loader, train_seed
+from ..data.multitask import (MultiTaskTrainLoader, TaskDataset, sampling_ratios,
+                              task_dataset_weights)
 from ..data.dataset_mappers import TaskTaggedMapper
 from ..data.datasets.metadata import dataset_task
 from ..data.test_loader import build_test_loader
 from ..modeling.tasks import TASK_REGISTRY
 from ..solver import build_optimizer
-from ..utils.rng import fork_rng, get_rng_state, set_rng_state
+from ..utils.rng import derived_seed, fork_rng, get_rng_state, set_rng_state
 from .checkpointer import Checkpointer
+from .multitask import TaskStepTrainer
 from .results_table import results_table
 
 __all__ = ["Trainer"]
@@ -49,13 +56,46 @@ def task_batch_size(cfg, task: str) -> int:
     return int(node.BATCH_SIZE) if node is not None and "BATCH_SIZE" in node else 0
 
 
-def train_task(cfg) -> str:
-    """The one task of DATASETS.TRAIN (single-task training: every training dataset is for
-    the same task; several tasks are the multi-task trainer's)."""
-    tasks = {name: dataset_task(name) for name in cfg.DATASETS.TRAIN}
-    if len(set(tasks.values())) != 1:
-        raise ValueError(f"DATASETS.TRAIN must name datasets of one task, got {tasks}")
-    return next(iter(tasks.values()))
+def train_tasks(cfg) -> List[str]:
+    """The task of each DATASETS.TRAIN entry (from its metadata)."""
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError("DATASETS.TRAIN is empty: name at least one training dataset")
+    return [dataset_task(name) for name in cfg.DATASETS.TRAIN]
+
+
+def build_multitask_train_loader(cfg) -> MultiTaskTrainLoader:
+    """One resumable stream per DATASETS.TRAIN entry (its task's mapper and batch size, seed
+    derived from (SEED, k)), s_k and w_k as data/multitask.py says, and the task sampler."""
+    tasks = train_tasks(cfg)
+    if cfg.DATALOADER.TASK_SAMPLING == "mixed" and cfg.SOLVER.OPTIMIZER.upper() == "MT-ADAMW":
+        raise ValueError("MT-AdamW normalises the gradient of the one task an iteration trains; "
+                         "under DATALOADER.TASK_SAMPLING 'mixed' every iteration holds every "
+                         "task: use SOLVER.OPTIMIZER ADAMW (Table 4's mixed row)")
+    seed = train_seed(cfg)
+    loaders = [build_train_loader(cfg, task_mapper(cfg, task, is_train=True),
+                                  batch_size=task_batch_size(cfg, task), dataset_names=[name],
+                                  seed=derived_seed(seed, k))
+               for k, (name, task) in enumerate(zip(cfg.DATASETS.TRAIN, tasks))]
+    ratios = sampling_ratios(tasks, [len(loader.dataset) for loader in loaders],
+                             cfg.DATALOADER.SAMPLING_RATIOS)
+    weights = task_dataset_weights(
+        tasks, ratios, {t: TASK_REGISTRY[t].task_weight(cfg) for t in set(tasks)})
+    several = {t for t in tasks if tasks.count(t) > 1}
+    task_datasets = [TaskDataset(f"{t}:{name}" if t in several else t, name, t, r, w)
+                     for name, t, r, w in zip(cfg.DATASETS.TRAIN, tasks, ratios, weights)]
+    # Unmixed sampling needs no communication only if every process draws from the same
+    # (seed, ratios, task-datasets): check that once, so that processes started with
+    # different configs fail here with a message rather than inside a collective.
+    plan = (seed, cfg.DATALOADER.TASK_SAMPLING, [(td.label, td.sampling_ratio) for td in
+                                                  task_datasets])
+    plans = comm.all_gather(plan)
+    if any(p != plan for p in plans):
+        raise ValueError(f"the training processes disagree on the task sampling (seed, mode, "
+                         f"task-datasets and ratios per process): {plans}")
+    logger.info("Multi-task training (" + cfg.DATALOADER.TASK_SAMPLING + " sampling): "
+                + ", ".join(f"{td.label} s={td.sampling_ratio:.4g} w={td.weight:.4g} batch="
+                            f"{loader.batch_size}" for td, loader in zip(task_datasets, loaders)))
+    return MultiTaskTrainLoader(task_datasets, loaders, seed, cfg.DATALOADER.TASK_SAMPLING)
 
 
 class Trainer(DefaultTrainer):
@@ -72,7 +112,40 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be a positive number of iterations, "
                              f"got {period!r} (a checkpoint is also written at the last "
                              f"iteration; use a period >= SOLVER.MAX_ITER for that one only)")
-        super().__init__(cfg)
+        self._init_like_default_trainer(cfg)
+
+    def _init_like_default_trainer(self, cfg):
+        """DefaultTrainer.__init__ with three changes: DistributedDataParallel without
+        device_ids on a CPU (torchrun with gloo; detectron2 passes the local rank as a CUDA
+        device), with find_unused_parameters when the model has several tasks (a batch of one
+        task leaves the other tasks' parameters without gradient), and the multi-task step
+        (engine/multitask.py) when DATASETS.TRAIN names several tasks."""
+        TrainerBase.__init__(self)
+        logger_d2 = logging.getLogger("detectron2")
+        if not logger_d2.isEnabledFor(logging.INFO):   # setup_logger not called for detectron2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        tasks = getattr(model, "tasks", ())
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 find_unused_parameters=len(tasks) > 1,
+                                 **({} if cfg.MODEL.DEVICE.startswith("cuda")
+                                    else {"device_ids": None}))
+        if isinstance(data_loader, MultiTaskTrainLoader):
+            self._trainer = TaskStepTrainer(model, data_loader, optimizer,
+                                            amp=cfg.SOLVER.AMP.ENABLED)
+        else:
+            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+                model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR,
+                                                  trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         # Swap detectron2's checkpointer for the atomic, verifying one before the hooks
@@ -109,10 +182,14 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """Batches of DATASETS.TRAIN through their task's mapper, each input naming the
         task; MODEL.<TASK>.BATCH_SIZE samples per process when set, else
-        SOLVER.IMS_PER_BATCH split over the processes."""
-        task = train_task(cfg)
-        return build_train_loader(cfg, task_mapper(cfg, task, is_train=True),
-                                  batch_size=task_batch_size(cfg, task))
+        SOLVER.IMS_PER_BATCH split over the processes. Datasets of one task: one stream over
+        them all; of several tasks: one stream per dataset and a task drawn per iteration
+        (`build_multitask_train_loader`)."""
+        tasks = train_tasks(cfg)
+        if len(set(tasks)) > 1:
+            return build_multitask_train_loader(cfg)
+        return build_train_loader(cfg, task_mapper(cfg, tasks[0], is_train=True),
+                                  batch_size=task_batch_size(cfg, tasks[0]))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

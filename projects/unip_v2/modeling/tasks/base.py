@@ -72,6 +72,17 @@ class Task(nn.Module):
         raise NotImplementedError(f"{cls.__name__} does not implement build_evaluator()")
 
     @classmethod
+    def task_weight(cls, cfg) -> float:
+        """w_k: the weight of the task's whole loss (Eq. 7), which MT-AdamW also applies to the
+        task's normalised gradient (Sec. 4.4, Table 8's omega_k). Default: the task's
+        MODEL.<TASK>.LOSS_WEIGHT."""
+        node = getattr(cfg.MODEL, cls.name.upper(), None)
+        if node is None or "LOSS_WEIGHT" not in node:
+            raise NotImplementedError(f"{cls.__name__} has no MODEL.{cls.name.upper()}"
+                                      f".LOSS_WEIGHT: override Task.task_weight")
+        return float(node.LOSS_WEIGHT)
+
+    @classmethod
     def build_dataset_mapper(cls, cfg, is_train: bool):
         """The mapper of this task's datasets. Default: INPUT.DATASET_MAPPER_NAME's."""
         return build_dataset_mapper(cfg, is_train=is_train)

@@ -137,6 +137,12 @@ class DetectionTask(Task):
 
     name = "detection"
 
+    @classmethod
+    def task_weight(cls, cfg) -> float:
+        """1 (Table 8): the task's loss terms carry their own weights (Table 7's and
+        CLASS_LOSS_WEIGHT)."""
+        return 1.0
+
     def __init__(self, cfg):
         super().__init__()
         self.criterion = build_proposal_criterion(cfg)

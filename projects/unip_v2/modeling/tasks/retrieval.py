@@ -119,6 +119,11 @@ class RetrievalTask(Task):
 
     name = "retrieval"
 
+    @classmethod
+    def task_weight(cls, cfg) -> float:
+        """Both directions' weights: the task's loss is LOSS_WEIGHT x (i2t + t2i)."""
+        return 2.0 * float(cfg.MODEL.RETRIEVAL.LOSS_WEIGHT)
+
     def __init__(self, cfg):
         super().__init__()
         c = cfg.MODEL.RETRIEVAL
