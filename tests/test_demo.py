@@ -412,7 +412,14 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "main_job.py"), "--output", str(out),
            "--num-train", "4", "--num-val", "2", "--num-novel", "2", "--num-pictures", "1",
            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()",
-           "INPUT.IMAGE_SIZE", "128", "DATALOADER.NUM_WORKERS", "0", *SMALL]
+           "INPUT.IMAGE_SIZE", "128", "DATALOADER.NUM_WORKERS", "0", *SMALL,
+           *[x for t in ("DETECTION", "CLASSIFICATION", "RETRIEVAL", "CAPTIONING", "MLM")
+             for x in (f"MODEL.{t}.BATCH_SIZE", "2")],
+           "MODEL.CLASSIFICATION.IMAGE_SIZE", "64", "MODEL.RETRIEVAL.IMAGE_SIZE", "64",
+           "MODEL.CAPTIONING.IMAGE_SIZE", "64", "MODEL.CAPTIONING.MAX_LENGTH", "4",
+           # the tiny dataset's tokenizer splits captions into more tokens than the toy one
+           "MODEL.TEXT_ENCODER.CONTEXT_LENGTH", "80",
+           "MODEL.TEXT_ENCODER.MAX_POSITION_EMBEDDINGS", "82"]
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -437,10 +444,25 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
             want = _mean_of_present(v for n, v in per_category.items()
                                     if (n in novel_names) == held_out)
             assert novel[task][key] == (None if want is None else pytest.approx(want, abs=1e-9))
-    assert sorted(os.listdir(out / "visualizations")) == ["novel_000000.png", "val_000000.png"]
+    assert sorted(os.listdir(out / "visualizations")) == ["novel_000000.png",
+                                                          "retrieval_query.png", "val_000000.png"]
+    # every task is evaluated on its own val set, and the table puts each metric by its target
+    results = metrics["results"]
+    assert "top1" in results["toy_shapes_val_classification"]["classification"]
+    assert "mean_R1" in results["toy_shapes_val_retrieval"]["retrieval"]
+    assert "CIDEr" in results["toy_shapes_val_captioning"]["captioning"]
+    assert "accuracy" in results["toy_shapes_val_mlm"]["mlm"]
+    rows = {(task, metric): (value, target) for task, metric, value, target, _ in
+            metrics["targets"]}
+    assert rows[("detection", "bbox AP")] == (val["bbox"]["AP"], 30.0)
+    assert rows[("classification", "classification top1")][1] == 70.0
+    assert len(rows) == 7
     summary = (out / "summary.txt").read_text()
     assert "held-out categories" in summary and summary in proc.stdout
-    assert (f"box AP {val['bbox']['AP']:.1f}   mask AP {val['segm']['AP']:.1f}" in summary)
+    for task in ("detection", "instance segmentation", "classification", "retrieval",
+                 "captioning", "masked language modelling"):
+        assert task in summary
+    assert f"{val['bbox']['AP']:>8.2f}" in summary
     assert "Starting training from iteration 0" in log
     # a second run keeps the finished training
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

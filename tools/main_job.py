@@ -1,18 +1,23 @@
 #!/usr/bin/env python
-"""The main job (`make demo`): train the toy Uni-Perceiver v2 on the CPU, evaluate it, draw it.
+"""The main job (`make demo`): train the toy Uni-Perceiver v2 on every pillar task at once on the
+CPU, evaluate each task, draw them.
 
     python tools/main_job.py [--output output/main_job] [--fresh] [--num-pictures 6]
                              [--num-train 2000 --num-val 200 --num-novel 200] [KEY VALUE ...]
 
 1. generates the toy dataset if missing (train, val, and the novel split with held-out
    colour-shape combinations; progress bar), 2. trains its BPE tokenizer if missing,
-3. trains configs/toy/uni_perceiver_v2_R50_tiny.yaml with tools/train_net.py --resume
-   (detectron2's metrics and ETA every 20 iterations; a finished run is not repeated, an
-   interrupted one continues; --fresh starts over), 4. evaluates box and mask AP with
-   detectron2's COCOEvaluator on toy_shapes_val and on toy_shapes_novel, the latter with the
-   held-out names added to the vocabulary (AP of seen and held-out categories side by side),
-5. draws predictions on val and novel images with detectron2's Visualizer. Writes
-OUTPUT/metrics.json, OUTPUT/visualizations/*.png and OUTPUT/summary.txt (also printed).
+3. trains configs/toy/multitask_R50_tiny.yaml with tools/train_net.py --resume: detection and
+   instance segmentation, classification, retrieval, captioning and MLM together, one task per
+   iteration (unmixed sampling) with MT-AdamW (detectron2's metrics and ETA every 20
+   iterations, each task's losses; a finished run is not repeated, an interrupted one
+   continues; --fresh starts over), 4. evaluates every task on its toy val set with its own
+   evaluator (box and mask AP, top-1, Recall@K, BLEU-4 / CIDEr, masked-token accuracy) and
+   detection on toy_shapes_novel with the held-out names added to the vocabulary (AP of seen
+   and held-out categories side by side), and prints one table of every metric next to its
+   target, 5. draws, per val image, the detections, the generated caption and the top-3
+   classes, and one picture of a text query with the five val images retrieved for it.
+Writes OUTPUT/metrics.json, OUTPUT/visualizations/*.png and OUTPUT/summary.txt (also printed).
 Trailing KEY VALUE pairs override the config (e.g. SOLVER.MAX_ITER 50 for a quick look).
 """
 import argparse
@@ -27,6 +32,7 @@ import time
 import unip_v2  # noqa: F401  (first: makes detectron2 importable)
 
 import cv2
+import torch
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -35,14 +41,23 @@ from detectron2.utils.logger import setup_logger
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import toy_shapes_root
 from unip_v2.data.image_io import try_read_image
-from unip_v2.engine import Checkpointer, Predictor, Trainer, check_finite_weights
-from unip_v2.utils.visualization import draw_predictions
+from unip_v2.engine import Checkpointer, TaskPredictor, Trainer, check_finite_weights
+from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/toy/uni_perceiver_v2_R50_tiny.yaml"
+CONFIG = "configs/toy/multitask_R50_tiny.yaml"
 VAL, NOVEL = "toy_shapes_val", "toy_shapes_novel"
-# the issue's learning targets for the toy generalist on toy_shapes_val
-TARGETS = {"bbox": 30.0, "segm": 25.0}
+CLS_VAL, RET_VAL, CAP_VAL, MLM_VAL = (f"{VAL}_{t}" for t in ("classification", "retrieval",
+                                                            "captioning", "mlm"))
+# the learning targets of the toy generalist on the val sets: (task, dataset, evaluation,
+# metric, target)
+TARGETS = [("detection", VAL, "bbox", "AP", 30.0),
+           ("instance segmentation", VAL, "segm", "AP", 25.0),
+           ("classification", CLS_VAL, "classification", "top1", 70.0),
+           ("retrieval", RET_VAL, "retrieval", "mean_R1", 20.0),
+           ("captioning", CAP_VAL, "captioning", "CIDEr", 0.8),
+           ("captioning", CAP_VAL, "captioning", "BLEU-4", 0.25),
+           ("masked language modelling", MLM_VAL, "mlm", "accuracy", 50.0)]
 
 
 def parse_args(argv=None):
@@ -101,7 +116,8 @@ def seen_and_novel_ap(task_results, names, novel_names):
 
 
 def evaluate(cfg, weights):
-    """COCOEvaluator on val and novel, each with its own vocabulary (Trainer.test)."""
+    """Every dataset of cfg.DATASETS.TEST with its task's evaluator (Trainer.test), the novel
+    split's AP split into seen and held-out categories."""
     model = Trainer.build_model(cfg)
     Checkpointer(model).load(weights)
     check_finite_weights(model, weights)
@@ -113,38 +129,101 @@ def evaluate(cfg, weights):
     return results
 
 
+def target_rows(results):
+    """(task, metric, value, target, met) for every target."""
+    rows = []
+    for task, dataset, evaluation, metric, target in TARGETS:
+        value = results.get(dataset, {}).get(evaluation, {}).get(metric, float("nan"))
+        rows.append((task, f"{evaluation} {metric}", value, target, value >= target))
+    return rows
+
+
+def _read_rgb(path):
+    image, error = try_read_image(path, format="RGB")
+    if image is None:
+        print(f"warning: skipping {path}: {error}", file=sys.stderr)
+    return image
+
+
 def draw_pictures(cfg, out_dir, count, threshold):
-    """Predictions on the first `count` images of val and of novel, each dataset's own names
-    as the vocabulary; returns the written paths."""
+    """Per val image (the first `count`): the detections, the generated caption and the top-3
+    classes; per novel image: the detections with the held-out names in the vocabulary; one
+    picture of a val caption used as a text query and the five val images retrieved for it.
+    Returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
-    predictor = Predictor(cfg)
+    predictor = TaskPredictor(cfg)
+    detection = predictor.model.tasks["detection"]
     written = []
-    for name in (VAL, NOVEL):
-        predictor.set_vocabulary(MetadataCatalog.get(name).thing_classes)
-        for record in DatasetCatalog.get(name)[:count]:
-            image, error = try_read_image(record["file_name"], format="BGR")
-            if image is None:
-                print(f"warning: skipping {record['file_name']}: {error}", file=sys.stderr)
-                continue
-            drawn = draw_predictions(image[:, :, ::-1], predictor(image)["instances"],
-                                     predictor.class_names, threshold)
-            stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-            path = os.path.join(out_dir, f"{name.replace('toy_shapes_', '')}_{stem}.png")
-            if not cv2.imwrite(path, drawn[:, :, ::-1]):
-                print(f"warning: could not write {path}", file=sys.stderr)
-                continue
+
+    def write(name, image_rgb):
+        path = os.path.join(out_dir, name)
+        if cv2.imwrite(path, image_rgb[:, :, ::-1]):
             written.append(path)
+        else:
+            print(f"warning: could not write {path}", file=sys.stderr)
+
+    by_file = {name: {r["file_name"]: r for r in DatasetCatalog.get(name)}
+               for name in (CLS_VAL, CAP_VAL)}
+    predictor.prepare_for_dataset(CLS_VAL)
+    class_names = predictor.model.tasks["classification"].test_class_names
+    for name in (VAL, NOVEL):
+        predictor.prepare_for_dataset(name)
+        records = DatasetCatalog.get(name)[:count]
+        detections = predictor("detection", records)
+        captions = classes = [None] * len(records)
+        if name == VAL:
+            files = [r["file_name"] for r in records]
+            captions = predictor("captioning", [by_file[CAP_VAL][f] for f in files])
+            classes = predictor("classification", [by_file[CLS_VAL][f] for f in files])
+        for record, det, cap, cls in zip(records, detections, captions, classes):
+            image = _read_rgb(record["file_name"])
+            if image is None or det is None:
+                continue
+            drawn = draw_predictions(image, det["instances"], detection.test_class_names,
+                                     threshold)
+            lines = []
+            if cap is not None:
+                lines.append(f"caption: {cap['caption']}")
+            if cls is not None:
+                probs = cls["class_logits"].float().softmax(-1)
+                top = probs.topk(3)
+                lines.append("top-3: " + ", ".join(
+                    f"{class_names[int(i)]} {float(p):.2f}" for p, i in zip(*top)))
+            if lines:
+                drawn = with_text_lines(drawn, lines)
+            stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+            write(f"{name.replace('toy_shapes_', '')}_{stem}.png", drawn)
+
+    # retrieval: the first val image's first caption as the query, every val image ranked
+    all_records = DatasetCatalog.get(RET_VAL)
+    kept = [(r, o) for r, o in zip(all_records, predictor("retrieval", all_records))
+            if o is not None]      # images the mapper skipped (warned) are not candidates
+    if kept:
+        records = [r for r, _ in kept]
+        query = records[0]["captions"][0]
+        images = torch.stack([o["image_embedding"] for _, o in kept])
+        with torch.no_grad():
+            text = torch.nn.functional.normalize(
+                predictor.model.encode_targets([query]).float(), dim=-1)[0]
+            scores = images @ text
+        best = scores.topk(min(5, len(records))).indices.tolist()
+        tiles = [_read_rgb(records[i]["file_name"]) for i in best]
+        titles = [f"{k + 1}. {'(query image) ' if i == 0 else ''}{float(scores[i]):.2f}"
+                  for k, i in enumerate(best)]
+        if all(t is not None for t in tiles):
+            write("retrieval_query.png", image_row(tiles, titles, f'query: "{query}"'))
     return written
 
 
 def summary_text(metrics) -> str:
-    val, novel = metrics["results"][VAL], metrics["results"][NOVEL]
-    met = all(val[t]["AP"] >= TARGETS[t] for t in TARGETS)
-    lines = [
-        "unip-v2 main job: the toy Uni-Perceiver v2, trained and evaluated on this CPU",
-        f"  toy_shapes_val (10 categories):   box AP {val['bbox']['AP']:.1f}   "
-        f"mask AP {val['segm']['AP']:.1f}   (targets {TARGETS['bbox']:.0f} / "
-        f"{TARGETS['segm']:.0f}: {'met' if met else 'NOT met'})",
+    novel = metrics["results"][NOVEL]
+    lines = ["unip-v2 main job: the toy Uni-Perceiver v2, every pillar task with one set of "
+             "weights, trained and evaluated on this CPU",
+             f"  {'task':<27} {'metric':<26} {'value':>8} {'target':>8}"]
+    for task, metric, value, target, met in metrics["targets"]:
+        lines.append(f"  {task:<27} {metric:<26} {value:>8.2f} {target:>8.2f}  "
+                     f"{'met' if met else 'NOT met'}")
+    lines += [
         f"  toy_shapes_novel (10 seen + {len(metrics['novel_categories'])} held-out names: "
         f"{', '.join(metrics['novel_categories'])}):",
         f"    seen categories:      box AP {novel['bbox']['AP_seen']:.1f}   "
@@ -195,11 +274,11 @@ def main(argv=None) -> int:
     cfg.merge_from_file(os.path.join(REPO, CONFIG))
     cfg.merge_from_list(["MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", out,
                          *args.opts])
-    cfg.DATASETS.TEST = (VAL, NOVEL)
+    cfg.DATASETS.TEST = (*cfg.DATASETS.TEST, NOVEL)
     cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
 
-    _step(4, "evaluation on toy_shapes_val and toy_shapes_novel (COCOEvaluator)")
+    _step(4, "evaluation of every task on its val set, and of detection on toy_shapes_novel")
     t = time.perf_counter()
     results = evaluate(cfg, cfg.MODEL.WEIGHTS)
     seconds["evaluate"] = time.perf_counter() - t
@@ -212,7 +291,7 @@ def main(argv=None) -> int:
     seconds["total"] = time.perf_counter() - start
 
     metrics = {
-        "config": CONFIG, "overrides": args.opts, "targets": TARGETS,
+        "config": CONFIG, "overrides": args.opts, "targets": target_rows(results),
         "novel_categories": list(MetadataCatalog.get(NOVEL).novel_thing_classes),
         "results": results, "seconds": seconds, "training_kept": kept, "pictures": pictures,
         "paths": {"metrics": os.path.join(out, "metrics.json"), "visualizations": vis_dir,

@@ -2,7 +2,8 @@
 predictor of the demo."""
 from .checkpointer import Checkpointer, CheckpointLoadError, check_finite_weights
 from .predictor import Predictor, parse_vocabulary
+from .task_predictor import TaskPredictor
 from .trainer import Trainer
 
-__all__ = ["CheckpointLoadError", "Checkpointer", "Predictor", "Trainer", "check_finite_weights",
-           "parse_vocabulary"]
+__all__ = ["CheckpointLoadError", "Checkpointer", "Predictor", "TaskPredictor", "Trainer",
+           "check_finite_weights", "parse_vocabulary"]

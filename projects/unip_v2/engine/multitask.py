@@ -3,13 +3,15 @@
 logged per task, and MT-AdamW learns which task it steps (its s_k and w_k).
 
 What goes to detectron2's EventStorage (metrics.json, TensorBoard) every iteration:
-- ``<label>/<loss name>``: the drawn task's losses (``label``: the task, or "task:dataset"
-  when a task has several datasets), and ``total_loss``;
+- ``<label>/<loss name>``: the drawn task's losses, each of them even when the task has one
+  (``label``: the task, or "task:dataset" when a task has several datasets), and
+  ``total_loss``;
 - ``task_drawn``: the index of the drawn task-dataset in DATASETS.TRAIN (unmixed);
 - ``<label>/grad_norm``: the global gradient norm of the step (after the processes' average,
   before MT-AdamW normalises it; MT-AdamW only, where it is computed anyway);
 - ``<label>/times_drawn``: how often each task-dataset has been drawn so far.
 """
+import math
 import time
 from typing import List
 
@@ -77,6 +79,26 @@ class TaskStepTrainer(SimpleTrainer):
         else:
             self.optimizer.step()
         self._write_task_metrics(batches, mt_adamw)
+
+    def _write_metrics(self, loss_dict, data_time: float, prefix: str = "") -> None:
+        """SimpleTrainer.write_metrics (the processes' mean of each loss, total_loss, a
+        FloatingPointError on a non-finite total), except that every task's losses are put
+        even when the task has a single one (detectron2 puts the terms only when there are
+        several, so the curve of a one-loss task would be lost)."""
+        metrics = {k: v.detach().cpu().item() for k, v in loss_dict.items()}
+        metrics["data_time"] = data_time
+        gathered = comm.gather(metrics)
+        if not comm.is_main_process():
+            return
+        storage = get_event_storage()
+        storage.put_scalar("data_time", max(m.pop("data_time") for m in gathered))
+        means = {k: sum(m[k] for m in gathered) / len(gathered) for k in gathered[0]}
+        total = sum(means.values())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration={storage.iter}!\n"
+                                     f"loss_dict = {means}")
+        storage.put_scalar(f"{prefix}total_loss", total)
+        storage.put_scalars(**means)
 
     def _write_task_metrics(self, batches: List[TaskBatch], mt_adamw: bool) -> None:
         if not comm.is_main_process():

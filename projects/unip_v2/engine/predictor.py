@@ -5,6 +5,8 @@
 """
 from typing import List, Optional, Sequence
 
+import torch
+
 from detectron2.engine import DefaultPredictor
 
 from ..data.datasets import thing_classes
@@ -49,6 +51,20 @@ class Predictor(DefaultPredictor):
             self.set_vocabulary(vocabulary)
         else:
             self._check_name_lengths(self.class_names)
+
+    def __call__(self, original_image):
+        """DefaultPredictor's call, the input tagged for the detection task when the model has
+        several tasks (a generalist hands each batch to the task it names)."""
+        with torch.no_grad():
+            if self.input_format == "RGB":
+                original_image = original_image[:, :, ::-1]
+            height, width = original_image.shape[:2]
+            image = self.aug.get_transform(original_image).apply_image(original_image)
+            image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+            inputs = {"image": image, "height": height, "width": width}
+            if self._detection is not None:
+                inputs["task"] = "detection"
+            return self.model([inputs])[0]
 
     @property
     def _detection(self):

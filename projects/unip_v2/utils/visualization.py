@@ -1,6 +1,8 @@
 """Drawing predictions with detectron2's Visualizer (masks, boxes, names and scores)."""
 from typing import Optional, Sequence
 
+import cv2
+
 import numpy as np
 from torchvision.ops import nms
 
@@ -8,7 +10,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["draw_predictions", "instances_to_draw"]
+__all__ = ["draw_predictions", "image_row", "instances_to_draw", "with_text_lines"]
 
 
 def instances_to_draw(instances: Instances, score_threshold: float = 0.25,
@@ -43,3 +45,30 @@ def draw_predictions(image_rgb: np.ndarray, instances: Instances, class_names: S
     # its own colour next to its name
     visualizer = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE_BW)
     return visualizer.draw_instance_predictions(kept).get_image()
+
+
+def with_text_lines(image_rgb: np.ndarray, lines: Sequence[str], scale: float = 0.6) -> np.ndarray:
+    """The image above a white band holding ``lines`` of black text (a caption, the top
+    classes), one per row; long lines are cut with an ellipsis to the image's width."""
+    height, width = image_rgb.shape[:2]
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
+    row = int(round(28 * scale / 0.6))
+    band = np.full((row * len(lines) + row // 2, width, 3), 255, dtype=np.uint8)
+    for i, text in enumerate(lines):
+        while len(text) > 3 and cv2.getTextSize(text, font, scale, thickness)[0][0] > width - 10:
+            text = text.rstrip(".")[:-1] + "..."
+        cv2.putText(band, text, (5, row * (i + 1)), font, scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+    return np.concatenate([image_rgb, band], axis=0)
+
+
+def image_row(images: Sequence[np.ndarray], titles: Sequence[str], header: str,
+              side: int = 192) -> np.ndarray:
+    """Images resized to ``side`` x ``side``, side by side, each over its title, under a header
+    line (e.g. a text query and the images retrieved for it)."""
+    tiles = [with_text_lines(cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA), [t],
+                             scale=0.5) for im, t in zip(images, titles)]
+    gap = np.full((tiles[0].shape[0], 8, 3), 255, dtype=np.uint8)
+    row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
+    top = with_text_lines(np.zeros((0, row.shape[1], 3), dtype=np.uint8), [header], scale=0.7)
+    return np.concatenate([top, row], axis=0)
