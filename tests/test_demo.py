@@ -3,6 +3,7 @@ writes, exit status), the Predictor and draw_predictions, and the main job
 (tools/main_job.py) on a tiny dataset."""
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -401,6 +402,17 @@ def test_seen_and_novel_ap_and_json_safety():
     assert got["AP_seen"] == 50.0 and got["AP_novel"] == 13.0     # (20 + 6) / 2
 
 
+def test_main_job_targets_follow_the_models_tasks():
+    results = {"toy_shapes_val": {"bbox": {"AP": 31.0}, "segm": {"AP": 20.0}}}
+    assert main_job.target_rows(results, ["detection"]) == [
+        ("detection", "bbox AP", 31.0, 30.0, True),
+        ("instance segmentation", "segm AP", 20.0, 25.0, False)]
+    rows = main_job.target_rows(results, ["detection", "mlm"])
+    assert [r[0] for r in rows] == ["detection", "instance segmentation",
+                                    "masked language modelling"]
+    assert math.isnan(rows[2][2]) and rows[2][3] == 50.0 and not rows[2][4]
+
+
 def _mean_of_present(values):
     """Mean of the values that are not None (JSON null) / NaN; None if there are none."""
     values = [v for v in values if v is not None and v == v]
@@ -410,7 +422,7 @@ def _mean_of_present(values):
 def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
     datasets, out = tmp_path / "datasets", tmp_path / "job"
     cmd = [sys.executable, os.path.join(REPO, "tools", "main_job.py"), "--output", str(out),
-           "--num-train", "4", "--num-val", "2", "--num-novel", "2", "--num-pictures", "1",
+           "--config-file", "configs/toy/multitask_R50_tiny.yaml", "--num-train", "4", "--num-val", "2", "--num-novel", "2", "--num-pictures", "1",
            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()",
            "INPUT.IMAGE_SIZE", "128", "DATALOADER.NUM_WORKERS", "0", *SMALL,
            *[x for t in ("DETECTION", "CLASSIFICATION", "RETRIEVAL", "CAPTIONING", "MLM")

@@ -170,6 +170,7 @@ def _worker(rank, port, out_dir, datasets_dir, tokenizer, seed):
             os.path.abspath(__file__))), "configs", "toy", "multitask_R50_tiny.yaml"))
         cfg.merge_from_list([
             "MODEL.TASKS", str(TASKS), "DATASETS.TRAIN", str(DATASETS), "DATASETS.TEST", "()",
+            "DATALOADER.SAMPLING_RATIOS", "[0.5, 0.5]",
             "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "MODEL.RETRIEVAL.BATCH_SIZE", "2",
             "MODEL.RETRIEVAL.IMAGE_SIZE", "64", "MODEL.MLM.BATCH_SIZE", "2",
             "SOLVER.OPTIMIZER", "MT-ADAMW", "SOLVER.MAX_ITER", str(ITERS),

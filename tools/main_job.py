@@ -1,22 +1,25 @@
 #!/usr/bin/env python
-"""The main job (`make demo`): train the toy Uni-Perceiver v2 on every pillar task at once on the
-CPU, evaluate each task, draw them.
+"""The main job (`make demo`): train the toy Uni-Perceiver v2 on the CPU, evaluate each of its
+tasks, draw them.
 
-    python tools/main_job.py [--output output/main_job] [--fresh] [--num-pictures 6]
-                             [--num-train 2000 --num-val 200 --num-novel 200] [KEY VALUE ...]
+    python tools/main_job.py [--output output/main_job] [--config-file CONFIG] [--fresh]
+                             [--num-pictures 6] [--num-train 2000 --num-val 200
+                             --num-novel 200] [KEY VALUE ...]
 
 1. generates the toy dataset if missing (train, val, and the novel split with held-out
    colour-shape combinations; progress bar), 2. trains its BPE tokenizer if missing,
-3. trains configs/toy/multitask_R50_tiny.yaml with tools/train_net.py --resume: detection and
-   instance segmentation, classification, retrieval, captioning and MLM together, one task per
-   iteration (unmixed sampling) with MT-AdamW (detectron2's metrics and ETA every 20
-   iterations, each task's losses; a finished run is not repeated, an interrupted one
-   continues; --fresh starts over), 4. evaluates every task on its toy val set with its own
+3. trains --config-file (default configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection and
+   instance segmentation; configs/toy/multitask_R50_tiny.yaml: those, classification,
+   retrieval, captioning and MLM together, one task per iteration) with tools/train_net.py
+   --resume (detectron2's metrics and ETA every 20 iterations, each task's losses; a finished
+   run is not repeated, an interrupted one continues; --fresh starts over), 4. evaluates every
+   task of the model on its toy val set with its own
    evaluator (box and mask AP, top-1, Recall@K, BLEU-4 / CIDEr, masked-token accuracy) and
    detection on toy_shapes_novel with the held-out names added to the vocabulary (AP of seen
    and held-out categories side by side), and prints one table of every metric next to its
-   target, 5. draws, per val image, the detections, the generated caption and the top-3
-   classes, and one picture of a text query with the five val images retrieved for it.
+   target, 5. draws, per val image, the detections (and, when the model has those tasks, the
+   generated caption and the top-3 classes), and one picture of a text query with the five
+   val images retrieved for it (retrieval).
 Writes OUTPUT/metrics.json, OUTPUT/visualizations/*.png and OUTPUT/summary.txt (also printed).
 Trailing KEY VALUE pairs override the config (e.g. SOLVER.MAX_ITER 50 for a quick look).
 """
@@ -45,24 +48,29 @@ from unip_v2.engine import Checkpointer, TaskPredictor, Trainer, check_finite_we
 from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/toy/multitask_R50_tiny.yaml"
+# the default: the toy generalist on detection and instance segmentation; with
+# --config-file configs/toy/multitask_R50_tiny.yaml every pillar task at once
+CONFIG = "configs/toy/uni_perceiver_v2_R50_tiny.yaml"
 VAL, NOVEL = "toy_shapes_val", "toy_shapes_novel"
 CLS_VAL, RET_VAL, CAP_VAL, MLM_VAL = (f"{VAL}_{t}" for t in ("classification", "retrieval",
                                                             "captioning", "mlm"))
-# the learning targets of the toy generalist on the val sets: (task, dataset, evaluation,
-# metric, target)
-TARGETS = [("detection", VAL, "bbox", "AP", 30.0),
-           ("instance segmentation", VAL, "segm", "AP", 25.0),
-           ("classification", CLS_VAL, "classification", "top1", 70.0),
-           ("retrieval", RET_VAL, "retrieval", "mean_R1", 20.0),
-           ("captioning", CAP_VAL, "captioning", "CIDEr", 0.8),
-           ("captioning", CAP_VAL, "captioning", "BLEU-4", 0.25),
-           ("masked language modelling", MLM_VAL, "mlm", "accuracy", 50.0)]
+# the learning targets of the toy generalist on the val sets: (row name, MODEL.TASKS entry,
+# dataset, evaluation, metric, target)
+TARGETS = [("detection", "detection", VAL, "bbox", "AP", 30.0),
+           ("instance segmentation", "detection", VAL, "segm", "AP", 25.0),
+           ("classification", "classification", CLS_VAL, "classification", "top1", 70.0),
+           ("retrieval", "retrieval", RET_VAL, "retrieval", "mean_R1", 20.0),
+           ("captioning", "captioning", CAP_VAL, "captioning", "CIDEr", 0.8),
+           ("captioning", "captioning", CAP_VAL, "captioning", "BLEU-4", 0.25),
+           ("masked language modelling", "mlm", MLM_VAL, "mlm", "accuracy", 50.0)]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/main_job", help="output folder")
+    parser.add_argument("--config-file", default=CONFIG,
+                        help="the toy generalist's config (configs/toy/multitask_R50_tiny.yaml: "
+                             "every pillar task)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete OUTPUT/train first and train from scratch")
     for split, n in (("train", 2000), ("val", 200), ("novel", 200)):
@@ -129,10 +137,12 @@ def evaluate(cfg, weights):
     return results
 
 
-def target_rows(results):
-    """(task, metric, value, target, met) for every target."""
+def target_rows(results, tasks):
+    """(task, metric, value, target, met) for every target of the model's ``tasks``."""
     rows = []
-    for task, dataset, evaluation, metric, target in TARGETS:
+    for task, key, dataset, evaluation, metric, target in TARGETS:
+        if key not in tasks:
+            continue
         value = results.get(dataset, {}).get(evaluation, {}).get(metric, float("nan"))
         rows.append((task, f"{evaluation} {metric}", value, target, value >= target))
     return rows
@@ -152,7 +162,8 @@ def draw_pictures(cfg, out_dir, count, threshold):
     Returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
     predictor = TaskPredictor(cfg)
-    detection = predictor.model.tasks["detection"]
+    tasks = predictor.model.tasks
+    detection = tasks["detection"]
     written = []
 
     def write(name, image_rgb):
@@ -163,17 +174,20 @@ def draw_pictures(cfg, out_dir, count, threshold):
             print(f"warning: could not write {path}", file=sys.stderr)
 
     by_file = {name: {r["file_name"]: r for r in DatasetCatalog.get(name)}
-               for name in (CLS_VAL, CAP_VAL)}
-    predictor.prepare_for_dataset(CLS_VAL)
-    class_names = predictor.model.tasks["classification"].test_class_names
+               for task, name in (("classification", CLS_VAL), ("captioning", CAP_VAL))
+               if task in tasks}
+    if "classification" in tasks:
+        predictor.prepare_for_dataset(CLS_VAL)
+        class_names = tasks["classification"].test_class_names
     for name in (VAL, NOVEL):
         predictor.prepare_for_dataset(name)
         records = DatasetCatalog.get(name)[:count]
         detections = predictor("detection", records)
         captions = classes = [None] * len(records)
-        if name == VAL:
-            files = [r["file_name"] for r in records]
+        files = [r["file_name"] for r in records]
+        if name == VAL and "captioning" in tasks:
             captions = predictor("captioning", [by_file[CAP_VAL][f] for f in files])
+        if name == VAL and "classification" in tasks:
             classes = predictor("classification", [by_file[CLS_VAL][f] for f in files])
         for record, det, cap, cls in zip(records, detections, captions, classes):
             image = _read_rgb(record["file_name"])
@@ -195,6 +209,8 @@ def draw_pictures(cfg, out_dir, count, threshold):
             write(f"{name.replace('toy_shapes_', '')}_{stem}.png", drawn)
 
     # retrieval: the first val image's first caption as the query, every val image ranked
+    if "retrieval" not in tasks:
+        return written
     all_records = DatasetCatalog.get(RET_VAL)
     kept = [(r, o) for r, o in zip(all_records, predictor("retrieval", all_records))
             if o is not None]      # images the mapper skipped (warned) are not candidates
@@ -257,12 +273,12 @@ def main(argv=None) -> int:
     _run(["tools/train_toy_tokenizer.py"])
     seconds["setup"] = time.perf_counter() - start
 
-    _step(3, f"training {CONFIG} (a finished run in {train_dir} is kept)")
+    _step(3, f"training {args.config_file} (a finished run in {train_dir} is kept)")
     weights = os.path.join(train_dir, "model_final.pth")
     kept = os.path.isfile(weights)
     t = time.perf_counter()
     # DATASETS.TEST empty: evaluation happens in step 4, with a vocabulary per dataset
-    _run(["tools/train_net.py", "--config-file", CONFIG, "--resume",
+    _run(["tools/train_net.py", "--config-file", args.config_file, "--resume",
           "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", train_dir,
           "DATASETS.TEST", "()", *args.opts])
     seconds["train"] = time.perf_counter() - t
@@ -271,7 +287,7 @@ def main(argv=None) -> int:
     setup_logger(name="unip_v2")
     cfg = get_cfg()
     add_unip_v2_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, CONFIG))
+    cfg.merge_from_file(os.path.join(REPO, args.config_file))
     cfg.merge_from_list(["MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", out,
                          *args.opts])
     cfg.DATASETS.TEST = (*cfg.DATASETS.TEST, NOVEL)
@@ -291,7 +307,8 @@ def main(argv=None) -> int:
     seconds["total"] = time.perf_counter() - start
 
     metrics = {
-        "config": CONFIG, "overrides": args.opts, "targets": target_rows(results),
+        "config": args.config_file, "overrides": args.opts,
+        "targets": target_rows(results, cfg.MODEL.TASKS),
         "novel_categories": list(MetadataCatalog.get(NOVEL).novel_thing_classes),
         "results": results, "seconds": seconds, "training_kept": kept, "pictures": pictures,
         "paths": {"metrics": os.path.join(out, "metrics.json"), "visualizations": vis_dir,
