@@ -167,12 +167,10 @@ def test_full_model_clipping_bounds_the_global_norm():
     assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
-def test_merged_groups_give_the_per_parameter_update(optimizer):
-    """build_optimizer steps parameters with equal hyperparameters together (fused or foreach):
-    three steps must equal torch's one-parameter-at-a-time implementation over the
-    per-parameter groups, each parameter keeping its own lr and weight decay."""
-    cfg = solver_cfg(OPTIMIZER=optimizer, MOMENTUM=0.9)
+def _built_and_twin(**solver):
+    """(cfg with full-model clipping at 0.5, model, its twin with equal weights, build_optimizer
+    of the model); the optimiser must merge the per-parameter groups."""
+    cfg = solver_cfg(**solver)
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED, cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = True, "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
     torch.manual_seed(0)
@@ -180,6 +178,15 @@ def test_merged_groups_give_the_per_parameter_update(optimizer):
     slow.load_state_dict(fast.state_dict())
     opt = build_optimizer(cfg, fast)
     assert len(opt.param_groups) < len(optimizer_param_groups(cfg, fast))
+    return cfg, fast, slow, opt
+
+
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_merged_groups_give_the_per_parameter_update(optimizer):
+    """build_optimizer steps parameters with equal hyperparameters together (fused or foreach):
+    three steps must equal torch's one-parameter-at-a-time implementation over the
+    per-parameter groups, each parameter keeping its own lr and weight decay."""
+    cfg, fast, slow, opt = _built_and_twin(OPTIMIZER=optimizer, MOMENTUM=0.9)
     if optimizer == "ADAMW":
         ref = torch.optim.AdamW(optimizer_param_groups(cfg, slow), lr=1.0, betas=(0.9, 0.999),
                                 foreach=False)
@@ -208,15 +215,8 @@ def test_mt_adamw_from_the_config_steps_the_models_groups():
     normalises the gradient itself."""
     from unip_v2.solver import MTAdamW
 
-    cfg = solver_cfg(OPTIMIZER="MT-ADAMW")
-    cfg.SOLVER.CLIP_GRADIENTS.ENABLED, cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = True, "full_model"
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
-    torch.manual_seed(0)
-    fast, slow = model_like_uni_perceiver_v2(), model_like_uni_perceiver_v2()
-    slow.load_state_dict(fast.state_dict())
-    opt = build_optimizer(cfg, fast)
+    cfg, fast, slow, opt = _built_and_twin(OPTIMIZER="MT-ADAMW")
     assert isinstance(opt, MTAdamW)
-    assert len(opt.param_groups) < len(optimizer_param_groups(cfg, fast))
     ref = torch.optim.AdamW(optimizer_param_groups(cfg, slow), lr=1.0, betas=(0.9, 0.999),
                             foreach=False)
     trainable = [(a, b) for a, b in zip(fast.parameters(), slow.parameters()) if a.requires_grad]

@@ -94,6 +94,7 @@ class MTAdamW(torch.optim.Optimizer):
         self.last_grad_norm = norm
         scale = self.task_weight / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         inv_s = 1.0 / self.sampling_ratio
+        scale_value = None     # the fused kernel takes a Python number: one read per step
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -107,7 +108,9 @@ class MTAdamW(torch.optim.Optimizer):
                                                            memory_format=torch.contiguous_format)
                 state["step"] += 1
             if self._kernel is not None and all(_fusable(p, self.state[p]) for p in params):
-                self._step_fused(group, params, float(scale), inv_s)
+                if scale_value is None:
+                    scale_value = float(scale)
+                self._step_fused(group, params, scale_value, inv_s)
             else:
                 self._step_foreach(group, params, scale, inv_s)
         return loss
