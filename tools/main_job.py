@@ -45,6 +45,7 @@ from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import toy_shapes_root
 from unip_v2.data.image_io import try_read_image
 from unip_v2.engine import Checkpointer, TaskPredictor, Trainer, check_finite_weights
+from unip_v2.engine.task_demo import caption_line, top_classes_line
 from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,12 +198,9 @@ def draw_pictures(cfg, out_dir, count, threshold):
                                      threshold)
             lines = []
             if cap is not None:
-                lines.append(f"caption: {cap['caption']}")
+                lines.append(caption_line(cap))
             if cls is not None:
-                probs = cls["class_logits"].float().softmax(-1)
-                top = probs.topk(3)
-                lines.append("top-3: " + ", ".join(
-                    f"{class_names[int(i)]} {float(p):.2f}" for p, i in zip(*top)))
+                lines.append(top_classes_line(cls["class_logits"], class_names))
             if lines:
                 drawn = with_text_lines(drawn, lines)
             stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
@@ -219,9 +217,7 @@ def draw_pictures(cfg, out_dir, count, threshold):
         query = records[0]["captions"][0]
         images = torch.stack([o["image_embedding"] for _, o in kept])
         with torch.no_grad():
-            text = torch.nn.functional.normalize(
-                predictor.model.encode_targets([query]).float(), dim=-1)[0]
-            scores = images @ text
+            scores = images @ tasks["retrieval"].embed_texts(predictor.model, [query])[0]
         best = scores.topk(min(5, len(records))).indices.tolist()
         tiles = [_read_rgb(records[i]["file_name"]) for i in best]
         titles = [f"{k + 1}. {'(query image) ' if i == 0 else ''}{float(scores[i]):.2f}"

@@ -109,15 +109,16 @@ def evaluate(weights, opts, tokenizer):
     return {name: {ev: dict(m) for ev, m in r.items()} for name, r in results.items()}
 
 
-def table(results):
-    head = "| sampling | gather feature | MT-AdamW | " + " | ".join(c[3] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+def table(results, seconds):
+    head = ("| sampling | gather feature | MT-AdamW | " + " | ".join(c[3] for c in COLUMNS)
+            + " | training min |")
+    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
     for row, res in results.items():
         sampling, gather, optimiser, _ = ROWS[row]
         cells = [res.get(d, {}).get(e, {}).get(m, float("nan")) for d, e, m, _ in COLUMNS]
         lines.append(f"| {sampling} | {'yes' if gather else ''} | "
                      f"{'yes' if optimiser == 'MT-ADAMW' else ''} | "
-                     + " | ".join(f"{c:.2f}" for c in cells) + " |")
+                     + " | ".join(f"{c:.2f}" for c in cells) + f" | {seconds[row] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -150,7 +151,7 @@ def main(argv=None):
         seconds[row] = time.perf_counter() - start
         eval_opts = [*args.opts, "DATASETS.TEST", str(tuple(base.DATASETS.TEST))]
         results[row] = evaluate(os.path.join(out_dir, "model_final.pth"), eval_opts, tokenizer)
-    text = table(results)
+    text = table(results, seconds)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "table4.md"), "w") as f:
         f.write(text + "\n")

@@ -38,6 +38,8 @@ __all__ = [
     "expand_inputs",
     "is_video",
     "plan_outputs",
+    "plan_single_output",
+    "write_image",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -112,6 +114,17 @@ def plan_outputs(files: Sequence[str], output_dir: str) -> List[str]:
     return outputs
 
 
+def plan_single_output(files: Sequence[str], output_dir: str, name: str) -> str:
+    """OUTPUT/name, one picture for all inputs (e.g. the retrieval ranking); a ValueError if
+    it would overwrite one of the input files."""
+    out = os.path.join(output_dir, name)
+    clash = [f for f in files if _same_file_key(f) == _same_file_key(out)]
+    if clash:
+        raise ValueError(f"refusing to draw into --output {output_dir}: {out} would overwrite "
+                         f"the input {clash[0]}. Choose an --output folder apart from the inputs")
+    return out
+
+
 def _make_parent(out: str) -> None:
     try:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -119,7 +132,8 @@ def _make_parent(out: str) -> None:
         raise OutputWriteError(f"cannot create the folder of {out}: {e}") from None
 
 
-def _write_image(out: str, image_bgr: np.ndarray) -> None:
+def write_image(out: str, image_bgr: np.ndarray) -> None:
+    """cv2.imwrite into ``out`` (its folder created), an OutputWriteError if it fails."""
     _make_parent(out)
     try:
         ok = cv2.imwrite(out, image_bgr)
@@ -142,7 +156,7 @@ def draw_image(predictor, path: str, out: str, score_threshold: float) -> bool:
     instances = predictor(image)["instances"]
     drawn = draw_predictions(image[:, :, ::-1], instances, predictor.class_names,
                              score_threshold)
-    _write_image(out, np.ascontiguousarray(drawn[:, :, ::-1]))
+    write_image(out, np.ascontiguousarray(drawn[:, :, ::-1]))
     kept = len(instances_to_draw(instances, score_threshold))
     logger.info(f"{path}: {kept} of {len(instances)} predictions drawn -> {out}")
     return True

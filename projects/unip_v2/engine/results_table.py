@@ -1,6 +1,6 @@
 """One table of every evaluated dataset's results, whatever their tasks (a model with several
 tasks is evaluated on several datasets in one --eval-only run)."""
-from typing import Dict, Mapping
+from typing import Mapping
 
 from tabulate import tabulate
 

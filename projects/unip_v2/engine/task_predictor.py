@@ -10,7 +10,7 @@ the model, in batches. A record the mapper cannot use (an unreadable image) give
 place, with the mapper's warning.
 """
 import copy
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -36,8 +36,13 @@ class TaskPredictor:
         """The dataset's task takes its target set (e.g. category names) from it."""
         self.model.prepare_for_dataset(dataset_name)
 
-    def __call__(self, task: str, records: Sequence[Dict], batch_size: int = 16
+    def __call__(self, task: str, records: Sequence[Dict], batch_size: int = 16,
+                 forward: Optional[Callable[[torch.nn.Module, List[Dict]], Sequence]] = None
                  ) -> List[Optional[Dict]]:
+        """The task's output for each record (None where the mapper could not use it).
+        ``forward(model, mapped_batch)`` replaces the model's own inference, e.g. the
+        retrieval task's image embeddings alone (`RetrievalTask.embed_images`)."""
+        forward = forward or (lambda model, batch: model(batch))
         if task not in self._mappers:
             self._mappers[task] = task_mapper(self.cfg, task, is_train=False)
         mapper = self._mappers[task]
@@ -46,6 +51,6 @@ class TaskPredictor:
             mapped = [mapper(copy.deepcopy(r)) for r in records[start:start + batch_size]]
             usable = [m for m in mapped if m is not None]
             with torch.no_grad():
-                results = iter(self.model(usable) if usable else [])
+                results = iter(forward(self.model, usable) if usable else [])
             outputs += [None if m is None else next(results) for m in mapped]
         return outputs

@@ -1,5 +1,5 @@
 """Drawing predictions with detectron2's Visualizer (masks, boxes, names and scores)."""
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import cv2
 
@@ -47,17 +47,34 @@ def draw_predictions(image_rgb: np.ndarray, instances: Instances, class_names: S
     return visualizer.draw_instance_predictions(kept).get_image()
 
 
+def _wrapped(text: str, fits) -> List[str]:
+    """``text`` in rows that ``fits`` (word by word; a word too long alone is cut with an
+    ellipsis)."""
+    rows: List[str] = []
+    for word in text.split():
+        if rows and fits(rows[-1] + " " + word):
+            rows[-1] += " " + word
+            continue
+        while len(word) > 3 and not fits(word):
+            word = word.rstrip(".")[:-1] + "..."
+        rows.append(word)
+    return rows or [""]
+
+
 def with_text_lines(image_rgb: np.ndarray, lines: Sequence[str], scale: float = 0.6) -> np.ndarray:
     """The image above a white band holding ``lines`` of black text (a caption, the top
-    classes), one per row; long lines are cut with an ellipsis to the image's width."""
+    classes), each wrapped onto as many rows as the image's width needs."""
     height, width = image_rgb.shape[:2]
     font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
-    row = int(round(28 * scale / 0.6))
-    band = np.full((row * len(lines) + row // 2, width, 3), 255, dtype=np.uint8)
-    for i, text in enumerate(lines):
-        while len(text) > 3 and cv2.getTextSize(text, font, scale, thickness)[0][0] > width - 10:
-            text = text.rstrip(".")[:-1] + "..."
-        cv2.putText(band, text, (5, row * (i + 1)), font, scale, (0, 0, 0), thickness,
+
+    def fits(text):
+        return cv2.getTextSize(text, font, scale, thickness)[0][0] <= width - 10
+
+    rows = [r for line in lines for r in _wrapped(line, fits)]
+    step = int(round(28 * scale / 0.6))
+    band = np.full((step * len(rows) + step // 2, width, 3), 255, dtype=np.uint8)
+    for i, text in enumerate(rows):
+        cv2.putText(band, text, (5, step * (i + 1)), font, scale, (0, 0, 0), thickness,
                     cv2.LINE_AA)
     return np.concatenate([image_rgb, band], axis=0)
 
@@ -68,7 +85,11 @@ def image_row(images: Sequence[np.ndarray], titles: Sequence[str], header: str,
     line (e.g. a text query and the images retrieved for it)."""
     tiles = [with_text_lines(cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA), [t],
                              scale=0.5) for im, t in zip(images, titles)]
-    gap = np.full((tiles[0].shape[0], 8, 3), 255, dtype=np.uint8)
+    # titles wrapped onto more rows make taller tiles: pad the others with white below
+    tall = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, tall - t.shape[0]), (0, 0), (0, 0)), constant_values=255)
+             for t in tiles]
+    gap = np.full((tall, 8, 3), 255, dtype=np.uint8)
     row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
     top = with_text_lines(np.zeros((0, row.shape[1], 3), dtype=np.uint8), [header], scale=0.7)
     return np.concatenate([top, row], axis=0)

@@ -26,7 +26,9 @@ class ClassificationDatasetMapper:
     """{"file_name", "image_id", "label"} -> {"image": uint8 (3, S, S) in image_format,
     "label": int, "image_id", "height": S, "width": S}. An unreadable image gives None
     (warned, counted in ``num_skipped``): the train loader draws another sample, the test
-    loader leaves it out. A dict without an int "label" is a ValueError naming it."""
+    loader leaves it out. A training dict without an int "label", or any dict whose "label"
+    is not an int, is a ValueError naming it; at inference a dict without "label" (an image
+    alone, as tools/demo.py --task classify gives) maps to one without it."""
 
     @configurable
     def __init__(self, is_train: bool, *, image_size: int, crop_scale=(0.08, 1.0),
@@ -57,7 +59,9 @@ class ClassificationDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         label = dataset_dict.get("label")
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        unlabelled = label is None and not self.is_train
+        if not unlabelled and (isinstance(label, bool)
+                               or not isinstance(label, (int, np.integer))):
             raise ValueError(f"classification record {dataset_dict.get('file_name')!r}: "
                              f"'label' must be an int class index, got {label!r}")
         image, error = try_read_image(dataset_dict["file_name"], format=self.image_format)
@@ -69,6 +73,9 @@ class ClassificationDatasetMapper:
             return None
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         tensor = self.transform(tensor).contiguous()
-        return {"image": tensor, "label": int(label), "image_id": dataset_dict.get("image_id"),
-                "file_name": dataset_dict["file_name"],
-                "height": self.image_size, "width": self.image_size}
+        out = {"image": tensor, "image_id": dataset_dict.get("image_id"),
+               "file_name": dataset_dict["file_name"],
+               "height": self.image_size, "width": self.image_size}
+        if not unlabelled:
+            out["label"] = int(label)
+        return out

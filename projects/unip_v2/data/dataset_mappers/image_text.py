@@ -8,7 +8,8 @@ caption of the image that fits the text encoder (MODEL.TEXT_ENCODER.CONTEXT_LENG
 "caption". A longer caption is dropped with a warning and counted (``num_long_captions``),
 never cut silently; an image left without a caption, or an unreadable image, gives None
 (warned and counted in ``num_skipped``): the train loader draws another sample, the test
-loader leaves it out.
+loader leaves it out. At inference a record without "captions" (an image alone, as
+tools/demo.py --task caption|retrieve gives) maps to "captions": [] and "caption": None.
 """
 import logging
 from typing import Dict, List, Optional
@@ -91,8 +92,9 @@ class ImageTextDatasetMapper:
                        f"image(s) skipped so far by this mapper.")
 
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
-        captions = self.fitting_captions(dataset_dict)
-        if not captions:
+        image_alone = not self.is_train and "captions" not in dataset_dict
+        captions = [] if image_alone else self.fitting_captions(dataset_dict)
+        if not captions and not image_alone:
             self._skip(dataset_dict, "no caption fits the text encoder")
             return None
         image, error = try_read_image(dataset_dict["file_name"], format=self.image_format)
@@ -103,7 +105,8 @@ class ImageTextDatasetMapper:
         tensor = self.transform(tensor).contiguous()
         # torch's generator: the train loader seeds it per sample (data/build.py)
         pick = int(torch.randint(len(captions), ())) if self.is_train else 0
-        return {"image": tensor, "captions": captions, "caption": captions[pick],
+        return {"image": tensor, "captions": captions,
+                "caption": captions[pick] if captions else None,
                 "image_id": dataset_dict.get("image_id"),
                 "file_name": dataset_dict["file_name"],
                 "height": self.image_size, "width": self.image_size}

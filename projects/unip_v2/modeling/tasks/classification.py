@@ -44,6 +44,11 @@ class ClassificationTask(Task):
     def prepare_for_dataset(self, dataset_name: str) -> None:
         self.test_class_names = check_class_names(dataset_class_names(dataset_name))
 
+    def set_test_class_names(self, names: List[str]) -> None:
+        """Classify among ``names`` at inference (an open vocabulary: tools/demo.py
+        --task classify --vocabulary), without retraining."""
+        self.test_class_names = check_class_names(names)
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_dir: str):
         return ClassificationEvaluator(dataset_name)

@@ -149,12 +149,22 @@ class RetrievalTask(Task):
                                       gather=self.gather_features)
         return {"loss_i2t": self.loss_weight * i2t, "loss_t2i": self.loss_weight * t2i}
 
+    @staticmethod
+    def embed_images(model, batched_inputs: List[Dict]) -> torch.Tensor:
+        """(B, D) float32, L2-normalised: each image's <SPE> output of g."""
+        return F.normalize(model.image_spe(batched_inputs).float(), dim=-1)
+
+    @staticmethod
+    def embed_texts(model, texts: List[str]) -> torch.Tensor:
+        """(N, D) float32, L2-normalised: each text as a target, [<SPE>, f_text(text)]
+        through g; its dot product with `embed_images`' rows ranks images for the text."""
+        return F.normalize(model.encode_targets(list(texts)).float(), dim=-1)
+
     def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
         captions = _captions_of(batched_inputs, "captions")
-        img = F.normalize(model.image_spe(batched_inputs).float(), dim=-1)
+        img = self.embed_images(model, batched_inputs)
         # every caption of the batch in one pass through f_text and g, then split per image
-        flat = [c for caps in captions for c in caps]
-        txt = F.normalize(model.encode_targets(flat).float(), dim=-1)
+        txt = self.embed_texts(model, [c for caps in captions for c in caps])
         per_image = torch.split(txt, [len(caps) for caps in captions])
         return [{"image_embedding": e, "caption_embeddings": t, "image_id": x.get("image_id")}
                 for e, t, x in zip(img, per_image, batched_inputs)]
