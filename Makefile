@@ -1,8 +1,9 @@
 # unip-v2 developer commands.
 #   make install      set up $(VENV) (idempotent; seconds when nothing changed)
 #   make test         install, then run the test suite on CPU
-#   make demo         install, then the main job: train + evaluate + draw the toy
-#                     Uni-Perceiver v2 on CPU (~17 minutes on 2 cores; output/main_job)
+#   make demo         install, then the main job: train the toy Uni-Perceiver v2 on all
+#                     six tasks, evaluate each, draw them, on CPU (~23 minutes on 2 cores
+#                     from a fresh clone; output/main_job)
 #   make check-cuda   compile the CUDA kernels (no GPU needed; skipped without nvcc)
 #   make clean        remove build outputs (keeps the venv)
 SHELL := /bin/bash

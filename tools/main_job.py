@@ -8,9 +8,10 @@ tasks, draw them.
 
 1. generates the toy dataset if missing (train, val, and the novel split with held-out
    colour-shape combinations; progress bar), 2. trains its BPE tokenizer if missing,
-3. trains --config-file (default configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection and
-   instance segmentation; configs/toy/multitask_R50_tiny.yaml: those, classification,
-   retrieval, captioning and MLM together, one task per iteration) with tools/train_net.py
+3. trains --config-file (default configs/toy/multitask_R50_tiny.yaml: detection and instance
+   segmentation, classification, retrieval, captioning and MLM together, one task per
+   iteration, MT-AdamW; configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection and instance
+   segmentation alone) with tools/train_net.py
    --resume (detectron2's metrics and ETA every 20 iterations, each task's losses; a finished
    run is not repeated, an interrupted one continues; --fresh starts over), 4. evaluates every
    task of the model on its toy val set with its own
@@ -49,9 +50,9 @@ from unip_v2.engine.task_demo import caption_line, top_classes_line
 from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the default: the toy generalist on detection and instance segmentation; with
-# --config-file configs/toy/multitask_R50_tiny.yaml every pillar task at once
-CONFIG = "configs/toy/uni_perceiver_v2_R50_tiny.yaml"
+# the default: the toy generalist on every pillar task at once; with --config-file
+# configs/toy/uni_perceiver_v2_R50_tiny.yaml detection and instance segmentation alone
+CONFIG = "configs/toy/multitask_R50_tiny.yaml"
 VAL, NOVEL = "toy_shapes_val", "toy_shapes_novel"
 CLS_VAL, RET_VAL, CAP_VAL, MLM_VAL = (f"{VAL}_{t}" for t in ("classification", "retrieval",
                                                             "captioning", "mlm"))
@@ -70,8 +71,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/main_job", help="output folder")
     parser.add_argument("--config-file", default=CONFIG,
-                        help="the toy generalist's config (configs/toy/multitask_R50_tiny.yaml: "
-                             "every pillar task)")
+                        help="the toy generalist's config (default: every pillar task; "
+                             "configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection alone)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete OUTPUT/train first and train from scratch")
     for split, n in (("train", 2000), ("val", 200), ("novel", 200)):
