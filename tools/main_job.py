@@ -44,9 +44,8 @@ from detectron2.utils.logger import setup_logger
 
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import toy_shapes_root
-from unip_v2.data.image_io import try_read_image
 from unip_v2.engine import Checkpointer, TaskPredictor, Trainer, check_finite_weights
-from unip_v2.engine.task_demo import caption_line, top_classes_line
+from unip_v2.engine.task_demo import caption_line, read_rgb, top_classes_line
 from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,13 +149,6 @@ def target_rows(results, tasks):
     return rows
 
 
-def _read_rgb(path):
-    image, error = try_read_image(path, format="RGB")
-    if image is None:
-        print(f"warning: skipping {path}: {error}", file=sys.stderr)
-    return image
-
-
 def draw_pictures(cfg, out_dir, count, threshold):
     """Per val image (the first `count`): the detections, the generated caption and the top-3
     classes; per novel image: the detections with the held-out names in the vocabulary; one
@@ -192,7 +184,7 @@ def draw_pictures(cfg, out_dir, count, threshold):
         if name == VAL and "classification" in tasks:
             classes = predictor("classification", [by_file[CLS_VAL][f] for f in files])
         for record, det, cap, cls in zip(records, detections, captions, classes):
-            image = _read_rgb(record["file_name"])
+            image = read_rgb(record["file_name"])
             if image is None or det is None:
                 continue
             drawn = draw_predictions(image, det["instances"], detection.test_class_names,
@@ -211,16 +203,18 @@ def draw_pictures(cfg, out_dir, count, threshold):
     if "retrieval" not in tasks:
         return written
     all_records = DatasetCatalog.get(RET_VAL)
-    kept = [(r, o) for r, o in zip(all_records, predictor("retrieval", all_records))
-            if o is not None]      # images the mapper skipped (warned) are not candidates
+    # the image embeddings alone: the records' own captions are not needed to rank images
+    embeddings = predictor("retrieval", all_records, forward=tasks["retrieval"].embed_images)
+    kept = [(r, e) for r, e in zip(all_records, embeddings)
+            if e is not None]      # images the mapper skipped (warned) are not candidates
     if kept:
         records = [r for r, _ in kept]
         query = records[0]["captions"][0]
-        images = torch.stack([o["image_embedding"] for _, o in kept])
+        images = torch.stack([e for _, e in kept])
         with torch.no_grad():
             scores = images @ tasks["retrieval"].embed_texts(predictor.model, [query])[0]
         best = scores.topk(min(5, len(records))).indices.tolist()
-        tiles = [_read_rgb(records[i]["file_name"]) for i in best]
+        tiles = [read_rgb(records[i]["file_name"]) for i in best]
         titles = [f"{k + 1}. {'(query image) ' if i == 0 else ''}{float(scores[i]):.2f}"
                   for k, i in enumerate(best)]
         if all(t is not None for t in tiles):

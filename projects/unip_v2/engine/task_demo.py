@@ -23,7 +23,7 @@ from ..utils.visualization import image_row, with_text_lines
 from .demo import DemoSummary, OutputWriteError, write_image
 
 __all__ = ["DEMO_TASKS", "caption_line", "check_model_has_task", "describe_images",
-           "retrieve_images", "top_classes_line"]
+           "read_rgb", "retrieve_images", "top_classes_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def caption_line(output: Dict) -> str:
     return f"caption: {output['caption']}"
 
 
-def _read_rgb(path: str):
+def read_rgb(path: str):
+    """The image as RGB uint8 (H, W, 3), or None with a warning if it cannot be read."""
     image, error = try_read_image(path, format="RGB")
     if image is None:
         logger.warning(f"skipping {path}: not a readable image ({error})")
@@ -81,7 +82,7 @@ def describe_images(predictor, task: str, files: Sequence[str], outputs: Sequenc
     results = predictor(task, [{"file_name": f, "image_id": i} for i, f in enumerate(files)],
                         batch_size=batch_size)
     for path, out, result in zip(files, outputs, results):
-        image = _read_rgb(path) if result is not None else None
+        image = read_rgb(path) if result is not None else None
         if image is None:
             summary.unreadable.append(path)
             continue
@@ -125,7 +126,7 @@ def retrieve_images(predictor, files: Sequence[str], query: str, out: str, top_k
     ranking = [(kept[i], float(scores[i])) for i in order]
     tiles, titles = [], []
     for path, score in ranking:
-        image = _read_rgb(path)
+        image = read_rgb(path)
         if image is not None:
             tiles.append(image)
             titles.append(f"{len(tiles)}. {os.path.basename(path)} {score:.2f}")
