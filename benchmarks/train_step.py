@@ -141,6 +141,43 @@ class StageHooks:
             h.remove()
 
 
+def moved_names(names, own):
+    """{name in `names`: name in `own`} for the parameters that moved between two checkouts:
+    a name missing from one whose dotted suffix, or extension, is the only unmatched name of
+    the other."""
+    only_theirs, only_own = set(names) - set(own), set(own) - set(names)
+    moved = {}
+    for key in sorted(only_own):
+        match = [k for k in only_theirs if k.endswith("." + key) or key.endswith("." + k)]
+        if len(match) == 1:
+            moved[match[0]] = key
+    return moved
+
+
+def load_matching(model, state):
+    """Loads this checkout's initial weights into `model`, which may be an older checkout's.
+    Two differences between commits are bridged, each printed: a parameter that moved (its
+    name in one is a dotted suffix of its name in the other, e.g. the detection temperature
+    `logit_scale` before the task interface and `tasks.detection.logit_scale` after it), and
+    a table that grew along dim 0 (the text encoder's position embeddings, 34 rows for a
+    16-token context, 42 for 40): the older, smaller model gets the leading rows, the only
+    positions its shorter context reaches. Anything else must match exactly (strict load)."""
+    import torch
+
+    own = model.state_dict()
+    state = dict(state)
+    for theirs, key in moved_names(state, own).items():
+        print(f"[train_step] {theirs} -> {key}")
+        state[key] = state.pop(theirs)
+    for key, want in own.items():
+        have = state.get(key)
+        if (isinstance(have, torch.Tensor) and have.shape != want.shape and have.dim() == want.dim()
+                and have.shape[1:] == want.shape[1:] and have.shape[0] > want.shape[0]):
+            print(f"[train_step] {key}: leading {want.shape[0]} of {have.shape[0]} rows")
+            state[key] = have[:want.shape[0]]
+    model.load_state_dict(state)
+
+
 def child(args):
     import numpy as np  # noqa: F401
     import torch
@@ -156,7 +193,7 @@ def child(args):
     cfg = build(os.path.join(args.checkout, args.config_file), args.tokenizer)
     work = args.work
     model = Trainer.build_model(cfg)
-    model.load_state_dict(torch.load(os.path.join(work, "init.pth"), weights_only=True))
+    load_matching(model, torch.load(os.path.join(work, "init.pth"), weights_only=True))
     model.train()
     optimizer = Trainer.build_optimizer(cfg, model)
     mapper = build_dataset_mapper(cfg, is_train=True)
@@ -325,6 +362,11 @@ def compare_gradients(work, rtol):
 
     a = torch.load(os.path.join(work, "grads-baseline.pth"), weights_only=True)
     b = torch.load(os.path.join(work, "grads-current.pth"), weights_only=True)
+    b = {moved_names(b, a).get(k, k): v for k, v in b.items()}
+    for k in set(a) & set(b):  # a table that grew (see load_matching): its shared rows
+        n = min(a[k].shape[0], b[k].shape[0]) if a[k].dim() else 0
+        if a[k].shape != b[k].shape and a[k].shape[1:] == b[k].shape[1:]:
+            a[k], b[k] = a[k][:n], b[k][:n]
     if set(a) != set(b):
         raise SystemExit(f"parameters with gradients differ: only baseline "
                          f"{sorted(set(a) - set(b))[:5]}, "
