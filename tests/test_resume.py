@@ -96,7 +96,9 @@ MULTITASK = ["MODEL.DETECTION.BATCH_SIZE", "2", "MODEL.CLASSIFICATION.BATCH_SIZE
              "MODEL.CLASSIFICATION.IMAGE_SIZE", "64", "MODEL.RETRIEVAL.BATCH_SIZE", "2",
              "MODEL.RETRIEVAL.IMAGE_SIZE", "64", "MODEL.CAPTIONING.BATCH_SIZE", "2",
              "MODEL.CAPTIONING.IMAGE_SIZE", "64", "MODEL.MLM.BATCH_SIZE", "2",
-             "SOLVER.OPTIMIZER", "MT-ADAMW"]
+             "SOLVER.OPTIMIZER", "MT-ADAMW",
+             # pinned, not the config's recipe: with these, SEED 7 switches tasks in 3-5
+             "DATALOADER.SAMPLING_RATIOS", "[0.3,0.25,0.25,0.12,0.08]"]
 
 
 def test_multitask_resume_gives_bit_identical_losses(env, tmp_path):
