@@ -154,6 +154,12 @@ def moved_names(names, own):
     return moved
 
 
+def grown(big, small) -> bool:
+    """Whether `big` is `small`'s table grown along dim 0 (same trailing shape, more rows)."""
+    return (big.dim() == small.dim() >= 1 and big.shape[1:] == small.shape[1:]
+            and big.shape[0] > small.shape[0])
+
+
 def load_matching(model, state):
     """Loads this checkout's initial weights into `model`, which may be an older checkout's.
     Two differences between commits are bridged, each printed: a parameter that moved (its
@@ -171,8 +177,7 @@ def load_matching(model, state):
         state[key] = state.pop(theirs)
     for key, want in own.items():
         have = state.get(key)
-        if (isinstance(have, torch.Tensor) and have.shape != want.shape and have.dim() == want.dim()
-                and have.shape[1:] == want.shape[1:] and have.shape[0] > want.shape[0]):
+        if isinstance(have, torch.Tensor) and grown(have, want):
             print(f"[train_step] {key}: leading {want.shape[0]} of {have.shape[0]} rows")
             state[key] = have[:want.shape[0]]
     model.load_state_dict(state)
@@ -362,11 +367,13 @@ def compare_gradients(work, rtol):
 
     a = torch.load(os.path.join(work, "grads-baseline.pth"), weights_only=True)
     b = torch.load(os.path.join(work, "grads-current.pth"), weights_only=True)
-    b = {moved_names(b, a).get(k, k): v for k, v in b.items()}
+    moved = moved_names(b, a)
+    b = {moved.get(k, k): v for k, v in b.items()}
     for k in set(a) & set(b):  # a table that grew (see load_matching): its shared rows
-        n = min(a[k].shape[0], b[k].shape[0]) if a[k].dim() else 0
-        if a[k].shape != b[k].shape and a[k].shape[1:] == b[k].shape[1:]:
-            a[k], b[k] = a[k][:n], b[k][:n]
+        if grown(a[k], b[k]):
+            a[k] = a[k][:b[k].shape[0]]
+        elif grown(b[k], a[k]):
+            b[k] = b[k][:a[k].shape[0]]
     if set(a) != set(b):
         raise SystemExit(f"parameters with gradients differ: only baseline "
                          f"{sorted(set(a) - set(b))[:5]}, "
