@@ -177,3 +177,21 @@ def test_output_dir_of_another_run_is_refused_or_moved(tmp_path):
     assert len(moved) == 1
     assert sorted(os.listdir(tmp_path / moved[0])) == ["metrics.json", "model_final.pth"]
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_weights_subset_keeps_only_the_named_parts(tmp_path):
+    from unip_v2.engine import save_weights_subset
+
+    weights = {"image_encoder.backbone.w": torch.arange(3.0), "image_encoder.b": torch.ones(2),
+               "image_encoderx.c": torch.zeros(1), "text_encoder.w": torch.ones(4)}
+    src, dst = tmp_path / "full.pth", tmp_path / "part.pth"
+    torch.save({"model": weights, "iteration": 5, "trainer": {"iteration": 5}}, src)
+    assert save_weights_subset(str(src), str(dst), ["image_encoder."]) == 2
+    got = torch.load(dst, weights_only=True)
+    assert list(got) == ["model"]
+    assert sorted(got["model"]) == ["image_encoder.b", "image_encoder.backbone.w"]
+    assert torch.equal(got["model"]["image_encoder.backbone.w"], torch.arange(3.0))
+    # a prefix that matches nothing is an error naming what the file holds, and writes nothing
+    with pytest.raises(ValueError, match="image_encoder.*text_encoder"):
+        save_weights_subset(str(src), str(tmp_path / "none.pth"), ["unified_decoder."])
+    assert not (tmp_path / "none.pth").exists()

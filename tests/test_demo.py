@@ -402,6 +402,18 @@ def test_seen_and_novel_ap_and_json_safety():
     assert got["AP_seen"] == 50.0 and got["AP_novel"] == 13.0     # (20 + 6) / 2
 
 
+def test_main_job_pretraining_keeps_the_models_overrides_not_the_schedule():
+    opts = ["SEED", "3", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+            "MODEL.TEXT_ENCODER.CONTEXT_LENGTH", "80", "DATASETS.TRAIN", "('a', 'b')",
+            "DATALOADER.SAMPLING_RATIOS", "[0.5, 0.5]", "MODEL.WEIGHTS", "w.pth",
+            "MODEL.TASKS", "['detection', 'mlm']", "INPUT.IMAGE_SIZE", "128",
+            "OUTPUT_DIR", "elsewhere"]
+    assert main_job.pretrain_opts(opts, 7, "out/pretrain") == [
+        "SEED", "3", "SOLVER.IMS_PER_BATCH", "2", "MODEL.TEXT_ENCODER.CONTEXT_LENGTH", "80",
+        "INPUT.IMAGE_SIZE", "128", "SOLVER.MAX_ITER", "7", "SOLVER.CHECKPOINT_PERIOD", "7",
+        "OUTPUT_DIR", "out/pretrain", "DATASETS.TEST", "()"]
+
+
 def test_main_job_targets_follow_the_models_tasks():
     results = {"toy_shapes_val": {"bbox": {"AP": 31.0}, "segm": {"AP": 20.0}}}
     assert main_job.target_rows(results, ["detection"]) == [
@@ -423,7 +435,7 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
     datasets, out = tmp_path / "datasets", tmp_path / "job"
     cmd = [sys.executable, os.path.join(REPO, "tools", "main_job.py"), "--output", str(out),
            "--config-file", "configs/toy/multitask_R50_tiny.yaml", "--num-train", "4", "--num-val", "2", "--num-novel", "2", "--num-pictures", "1",
-           "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()",
+           "--pretrain-iters", "1", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()",
            "INPUT.IMAGE_SIZE", "128", "DATALOADER.NUM_WORKERS", "0", *SMALL,
            *[x for t in ("DETECTION", "CLASSIFICATION", "RETRIEVAL", "CAPTIONING", "MLM")
              for x in (f"MODEL.{t}.BATCH_SIZE", "2")],
@@ -476,6 +488,12 @@ def test_main_job_end_to_end_on_a_tiny_dataset(tmp_path):
         assert task in summary
     assert f"{val['bbox']['AP']:>8.2f}" in summary
     assert "Starting training from iteration 0" in log
+    # the detection pre-training ran first, on the same model shape (nothing skipped when its
+    # weights load), and the training started from its image encoder
+    pretrained = str(out / "pretrain" / "image_encoder.pth")
+    assert os.path.isfile(pretrained) and metrics["seconds"]["pretrain"] > 0
+    assert f"Loading from {pretrained}" in log, log[-4000:]
+    assert "incompatible shape" not in log
     # a second run keeps the finished training
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "Starting training from iteration 2" in proc.stdout + proc.stderr

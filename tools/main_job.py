@@ -3,6 +3,7 @@
 tasks, draw them.
 
     python tools/main_job.py [--output output/main_job] [--config-file CONFIG] [--fresh]
+                             [--pretrain-iters 300 --pretrain-config PRETRAIN_CONFIG]
                              [--num-pictures 6] [--num-train 2000 --num-val 200
                              --num-novel 200] [KEY VALUE ...]
 
@@ -13,7 +14,11 @@ tasks, draw them.
    iteration, MT-AdamW; configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection and instance
    segmentation alone) with tools/train_net.py
    --resume (detectron2's metrics and ETA every 20 iterations, each task's losses; a finished
-   run is not repeated, an interrupted one continues; --fresh starts over), 4. evaluates every
+   run is not repeated, an interrupted one continues; --fresh starts over); with
+   --pretrain-iters N it first trains the same model on detection alone for N iterations
+   (configs/toy/uni_perceiver_v2_R50_tiny.yaml, in OUTPUT/pretrain) and starts from its
+   image encoder's weights, as the Uni-Perceiver v2 paper's ablations start from a
+   detection-pretrained image encoder (Sec. 5.3), 4. evaluates every
    task of the model on its toy val set with its own
    evaluator (box and mask AP, top-1, Recall@K, BLEU-4 / CIDEr, masked-token accuracy) and
    detection on toy_shapes_novel with the held-out names added to the vocabulary (AP of seen
@@ -44,7 +49,8 @@ from detectron2.utils.logger import setup_logger
 
 from unip_v2 import add_unip_v2_config
 from unip_v2.data.datasets import toy_shapes_root
-from unip_v2.engine import Checkpointer, TaskPredictor, Trainer, check_finite_weights
+from unip_v2.engine import (Checkpointer, TaskPredictor, Trainer, check_finite_weights,
+                            save_weights_subset)
 from unip_v2.engine.task_demo import caption_line, read_rgb, top_classes_line
 from unip_v2.utils.visualization import draw_predictions, image_row, with_text_lines
 
@@ -52,6 +58,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the default: the toy generalist on every pillar task at once; with --config-file
 # configs/toy/uni_perceiver_v2_R50_tiny.yaml detection and instance segmentation alone
 CONFIG = "configs/toy/multitask_R50_tiny.yaml"
+# --pretrain-iters: the same toy generalist on detection alone, so its weights load into CONFIG's
+PRETRAIN_CONFIG = "configs/toy/uni_perceiver_v2_R50_tiny.yaml"
+# what the training takes from the pre-training: the image encoder (backbone and region
+# proposal network), as the paper's ablations start from a detection-pretrained image encoder;
+# the text encoder and g start afresh (taking them too left every text task worse at 900
+# iterations, SEED 1: README, "Where six-task training stands")
+PRETRAINED_PARTS = ("image_encoder.",)
+# the overrides that set the training's schedule, data and task mix: not given to the
+# pre-training, which keeps the rest (the model's shape, the batch, SEED)
+_NOT_PRETRAIN_KEYS = ("DATASETS.", "SOLVER.", "DATALOADER.SAMPLING_RATIOS",
+                      "DATALOADER.TASK_SAMPLING", "MODEL.WEIGHTS", "MODEL.TASKS", "OUTPUT_DIR")
 VAL, NOVEL = "toy_shapes_val", "toy_shapes_novel"
 CLS_VAL, RET_VAL, CAP_VAL, MLM_VAL = (f"{VAL}_{t}" for t in ("classification", "retrieval",
                                                             "captioning", "mlm"))
@@ -73,7 +90,15 @@ def parse_args(argv=None):
                         help="the toy generalist's config (default: every pillar task; "
                              "configs/toy/uni_perceiver_v2_R50_tiny.yaml: detection alone)")
     parser.add_argument("--fresh", action="store_true",
-                        help="delete OUTPUT/train first and train from scratch")
+                        help="delete OUTPUT/train (and OUTPUT/pretrain) first and train from "
+                             "scratch")
+    parser.add_argument("--pretrain-iters", type=int, default=300,
+                        help="detection pre-training: first train --pretrain-config for this "
+                             "many iterations, then start the training from its image "
+                             "encoder (0: none, e.g. for the detection-alone config)")
+    parser.add_argument("--pretrain-config", default=PRETRAIN_CONFIG,
+                        help="the pre-training's config (default: detection and instance "
+                             "segmentation alone)")
     for split, n in (("train", 2000), ("val", 200), ("novel", 200)):
         parser.add_argument(f"--num-{split}", type=int, default=n,
                             help=f"toy_shapes {split} images (tools/make_toy_dataset.py)")
@@ -87,6 +112,8 @@ def parse_args(argv=None):
         parser.error(f"config overrides come as KEY VALUE pairs, got {args.opts}")
     if args.num_pictures < 0:
         parser.error("--num-pictures must be >= 0")
+    if args.pretrain_iters < 0:
+        parser.error("--pretrain-iters must be >= 0")
     return args
 
 
@@ -122,6 +149,17 @@ def seen_and_novel_ap(task_results, names, novel_names):
     return {"AP_seen": _mean(v for n, v in per_class.items() if n not in novel_names),
             "AP_novel": _mean(v for n, v in per_class.items() if n in novel_names),
             "AP_per_category": per_class}
+
+
+def pretrain_opts(opts, iters, out_dir):
+    """train_net.py overrides of the pre-training: the user's overrides except those of the
+    training's schedule, data and task mix (SOLVER.IMS_PER_BATCH kept), then its own length
+    (one checkpoint, at the end) and folder."""
+    pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2])
+             if k == "SOLVER.IMS_PER_BATCH" or not k.startswith(_NOT_PRETRAIN_KEYS)]
+    return [x for kv in pairs for x in kv] + [
+        "SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(iters),
+        "OUTPUT_DIR", out_dir, "DATASETS.TEST", "()"]
 
 
 def evaluate(cfg, weights):
@@ -237,9 +275,11 @@ def summary_text(metrics) -> str:
         f"mask AP {novel['segm']['AP_seen']:.1f}",
         f"    held-out categories:  box AP {novel['bbox']['AP_novel']:.1f}   "
         f"mask AP {novel['segm']['AP_novel']:.1f}",
-        f"  time: {metrics['seconds']['total']:.0f} s in all, training "
-        + ("kept from an earlier run" if metrics["training_kept"]
-           else f"{metrics['seconds']['train']:.0f} s"),
+        f"  time: {metrics['seconds']['total']:.0f} s in all, "
+        + (f"detection pre-training {metrics['seconds']['pretrain']:.0f} s, "
+           if "pretrain" in metrics["seconds"] else "")
+        + "training " + ("kept from an earlier run" if metrics["training_kept"]
+                         else f"{metrics['seconds']['train']:.0f} s"),
         f"  metrics:  {metrics['paths']['metrics']}",
         f"  pictures: {metrics['paths']['visualizations']} ({len(metrics['pictures'])} PNGs)",
         f"  model:    {metrics['paths']['weights']}",
@@ -252,10 +292,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     seconds = {}
     out = os.path.abspath(args.output)
-    train_dir = os.path.join(out, "train")
+    train_dir, pretrain_dir = os.path.join(out, "train"), os.path.join(out, "pretrain")
     tokenizer = os.path.join(toy_shapes_root(), "tokenizer")
-    if args.fresh and os.path.isdir(train_dir):
-        shutil.rmtree(train_dir)
+    for folder in (train_dir, pretrain_dir):
+        if args.fresh and os.path.isdir(folder):
+            shutil.rmtree(folder)
 
     _step(1, "toy dataset")
     _run(["tools/make_toy_dataset.py", "--num-train", str(args.num_train),
@@ -264,14 +305,28 @@ def main(argv=None) -> int:
     _run(["tools/train_toy_tokenizer.py"])
     seconds["setup"] = time.perf_counter() - start
 
-    _step(3, f"training {args.config_file} (a finished run in {train_dir} is kept)")
     weights = os.path.join(train_dir, "model_final.pth")
     kept = os.path.isfile(weights)
+    start_from = []
+    if args.pretrain_iters:
+        _step(3, f"detection pre-training: {args.pretrain_config}, {args.pretrain_iters} "
+                 f"iterations (a finished run in {pretrain_dir} is kept)")
+        t = time.perf_counter()
+        _run(["tools/train_net.py", "--config-file", args.pretrain_config, "--resume",
+              "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer,
+              *pretrain_opts(args.opts, args.pretrain_iters, pretrain_dir)])
+        seconds["pretrain"] = time.perf_counter() - t
+        image_encoder = os.path.join(pretrain_dir, "image_encoder.pth")
+        save_weights_subset(os.path.join(pretrain_dir, "model_final.pth"), image_encoder,
+                            PRETRAINED_PARTS)
+        # before the user's overrides, so that a MODEL.WEIGHTS among them still wins
+        start_from = ["MODEL.WEIGHTS", image_encoder]
+    _step(3, f"training {args.config_file} (a finished run in {train_dir} is kept)")
     t = time.perf_counter()
     # DATASETS.TEST empty: evaluation happens in step 4, with a vocabulary per dataset
     _run(["tools/train_net.py", "--config-file", args.config_file, "--resume",
           "MODEL.TEXT_ENCODER.TOKENIZER", tokenizer, "OUTPUT_DIR", train_dir,
-          "DATASETS.TEST", "()", *args.opts])
+          "DATASETS.TEST", "()", *start_from, *args.opts])
     seconds["train"] = time.perf_counter() - t
 
     setup_logger(name="detectron2")

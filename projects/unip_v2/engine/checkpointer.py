@@ -20,7 +20,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.safe_pickle import load_pickle
 
-__all__ = ["Checkpointer", "CheckpointLoadError", "check_finite_weights"]
+__all__ = ["Checkpointer", "CheckpointLoadError", "check_finite_weights", "save_weights_subset"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,20 @@ class Checkpointer(DetectionCheckpointer):
                 self.logger.info(f"Loading {key} from {path} ...")
                 obj.load_state_dict(checkpoint.pop(key))
         return checkpoint
+
+
+def save_weights_subset(src: str, dst: str, prefixes: Sequence[str]) -> int:
+    """Write to `dst` (atomically, as {"model": ...}) the weights of checkpoint `src` whose
+    names start with one of `prefixes`, e.g. ("image_encoder.",) to start another model from
+    a trained image encoder only. Returns how many were written; a ValueError when none
+    match (a wrong prefix would otherwise start the model from scratch without a word)."""
+    weights = Checkpointer(torch.nn.Module())._load_file(src)["model"]
+    kept = {k: v for k, v in weights.items() if k.startswith(tuple(prefixes))}
+    if not kept:
+        raise ValueError(f"no weight of {src} starts with {list(prefixes)} (its names start "
+                         f"with {sorted({k.split('.')[0] for k in weights})})")
+    _atomic_write(dst, lambda f: torch.save({"model": kept}, f))
+    return len(kept)
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
