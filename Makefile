@@ -1,9 +1,10 @@
 # unip-v2 developer commands.
 #   make install      set up $(VENV) (idempotent; seconds when nothing changed)
 #   make test         install, then run the test suite on CPU
-#   make demo         install, then the main job: train the toy Uni-Perceiver v2 on all
-#                     six tasks, evaluate each, draw them, on CPU (~25 minutes on 2 cores
-#                     from a fresh clone, set-up included; output/main_job)
+#   make demo         install, then the main job: pre-train the toy Uni-Perceiver v2's image
+#                     encoder on detection, train it on all six tasks, evaluate each, draw
+#                     them, on CPU (34.5 minutes measured on 2 cores from a fresh clone, set-up
+#                     included, on a slow day; output/main_job)
 #   make check-cuda   compile the CUDA kernels (no GPU needed; skipped without nvcc)
 #   make clean        remove build outputs (keeps the venv)
 SHELL := /bin/bash
