@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     weights = os.path.join(train_dir, "model_final.pth")
     kept = os.path.isfile(weights)
     start_from = []
-    if args.pretrain_iters:
+    if args.pretrain_iters and not kept:   # a kept training needs no start any more
         _step(3, f"detection pre-training: {args.pretrain_config}, {args.pretrain_iters} "
                  f"iterations (a finished run in {pretrain_dir} is kept)")
         t = time.perf_counter()
