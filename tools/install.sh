@@ -31,7 +31,9 @@ PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-say() { echo "[install] $*"; }
+start=$SECONDS
+# Each step's line ends with the seconds since the start, so a slow step shows itself.
+say() { echo "[install] $* [$((SECONDS - start)) s]"; }
 die() { echo "[install] ERROR: $*" >&2; exit 1; }
 pip_install() { "$PY" -m pip install -q -c "$CONSTRAINTS" "$@"; }
 
@@ -108,8 +110,6 @@ PYEOF
         || die "the import probe crashed; run $PY -c 'import torch, torchvision, detectron2, timm' to see why"
 }
 STALE=1   # PROBE must be (re)filled before use: set again after every install
-
-start=$SECONDS
 
 # 1. the venv ------------------------------------------------------------------------------
 if [ -x "$PY" ] && "$PY" -c "import sys; assert sys.prefix != sys.base_prefix" 2>/dev/null; then
@@ -238,4 +238,4 @@ fi
 
 (cd / && "$PY" -c "import unip_v2; from unip_v2 import _C") \
     || die "unip_v2 or its compiled ops (unip_v2._C) do not import"
-say "ready in $((SECONDS - start)) s: $PY"
+echo "[install] ready in $((SECONDS - start)) s: $PY"
