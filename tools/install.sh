@@ -229,10 +229,10 @@ else
     # --use-pep517: without a pyproject.toml, pip<25.1 would otherwise run the legacy
     # `setup.py develop`, which recent setuptools turns into a pip call *with* build
     # isolation, where torch (imported by setup.py) is missing.
-    pip_install --no-build-isolation --no-deps --use-pep517 -e .
-    # pip compiled in a throw-away directory: build once more into $EXT_BUILD so that the
-    # next run finds up-to-date objects and takes seconds.
+    # Compiled once, here, into $EXT_BUILD, where the next run finds up-to-date objects;
+    # UNIP_V2_SKIP_EXTENSION keeps pip from compiling it again in a throw-away directory.
     build_inplace >/dev/null
+    UNIP_V2_SKIP_EXTENSION=1 pip_install --no-build-isolation --no-deps --use-pep517 -e .
     say "7/7 unip-v2: done (pip install -e ., unip_v2._C compiled)"
 fi
 
