@@ -4,6 +4,7 @@
 #include "mt_adamw.h"
 
 #include <c10/util/safe_numerics.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <initializer_list>

@@ -1,7 +1,9 @@
 // MT-AdamW's fused CPU update (csrc/cpu/mt_adamw_cpu.cpp; Uni-Perceiver v2, Sec. 4.4).
 #pragma once
 
-#include <torch/extension.h>
+// Only at::Tensor is needed here. <torch/extension.h> (pybind11, the C++ frontend) costs a
+// translation unit over a minute of compiling on 2 cores; only the bindings include it.
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 
