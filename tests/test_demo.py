@@ -410,8 +410,11 @@ def test_main_job_pretraining_keeps_the_models_overrides_not_the_schedule():
             "OUTPUT_DIR", "elsewhere"]
     assert main_job.pretrain_opts(opts, 7, "out/pretrain") == [
         "SEED", "3", "SOLVER.IMS_PER_BATCH", "2", "MODEL.TEXT_ENCODER.CONTEXT_LENGTH", "80",
-        "INPUT.IMAGE_SIZE", "128", "SOLVER.MAX_ITER", "7", "SOLVER.CHECKPOINT_PERIOD", "7",
-        "OUTPUT_DIR", "out/pretrain", "DATASETS.TEST", "()"]
+        "INPUT.IMAGE_SIZE", "128", "SOLVER.MAX_ITER", "7", "SOLVER.STEPS", "()",
+        "SOLVER.CHECKPOINT_PERIOD", "7", "OUTPUT_DIR", "out/pretrain", "DATASETS.TEST", "()"]
+    # the LR drops for the last eighth of the pre-training (400 -> 350; too short to drop: none)
+    assert main_job.pretrain_opts([], 400, "p")[:4] == [
+        "SOLVER.MAX_ITER", "400", "SOLVER.STEPS", "(350,)"]
 
 
 def test_main_job_targets_follow_the_models_tasks():
