@@ -3,8 +3,8 @@
 #   make test         install, then run the test suite on CPU
 #   make demo         install, then the main job: pre-train the toy Uni-Perceiver v2's image
 #                     encoder on detection, train it on all six tasks, evaluate each, draw
-#                     them, on CPU (31-33 minutes measured on 2 cores from a fresh clone, set-up
-#                     included, on a slow day; output/main_job)
+#                     them, on CPU (31-37 minutes measured on 2 cores from a fresh clone, set-up
+#                     included, on slow days; output/main_job)
 #   make check-cuda   compile the CUDA kernels (no GPU needed; skipped without nvcc)
 #   make clean        remove build outputs (keeps the venv)
 SHELL := /bin/bash
