@@ -157,8 +157,8 @@ def pretrain_opts(opts, iters, out_dir):
     (one checkpoint, at the end), its LR drop and folder."""
     pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2])
              if k == "SOLVER.IMS_PER_BATCH" or not k.startswith(_NOT_PRETRAIN_KEYS)]
-    # the LR drops x0.1 for the last eighth, as in the detection-alone run (STEPS 550 of 600):
-    # the box regression settles there. With the same two seeds, 300 iterations without a
+    # the LR drops x0.1 for the last eighth (the detection-alone run drops at 550 of 600): the
+    # box regression settles there. With the same two seeds, 300 iterations without a
     # drop ended the six-task training at 23.6 box AP, 400 with the drop at 350 at 33.6
     # (README, "Where six-task training stands")
     drop = iters - iters // 8
