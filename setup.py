@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import find_packages, setup
 
@@ -86,11 +87,12 @@ class BuildExtension(TorchBuildExtension):
 
     def build_extension(self, ext):
         isa_sources = getattr(ext, "unip_v2_isa_sources", [])
-        objects = []
-        for isa, source in isa_sources:
+
+        def compile_isa(isa_source):
+            isa, source = isa_source
             args = ext.extra_compile_args
             cxx = list(args["cxx"] if isinstance(args, dict) else args) + CPU_KERNEL_ISAS[isa]
-            objects += self.compiler.compile(
+            return self.compiler.compile(
                 [source],
                 output_dir=os.path.join(self.build_temp, "isa-" + isa),
                 macros=ext.define_macros,
@@ -99,10 +101,20 @@ class BuildExtension(TorchBuildExtension):
                 extra_postargs={"cxx": cxx},
                 depends=ext.depends,
             )
+
+        # side by side: each is one ninja run of one file, in its own build directory
+        with ThreadPoolExecutor(max(1, len(isa_sources))) as pool:
+            objects = [o for objs in pool.map(compile_isa, isa_sources) for o in objs]
         previous = getattr(ext, "unip_v2_isa_objects", [])
         ext.extra_objects = [o for o in ext.extra_objects if o not in previous] + objects
         ext.unip_v2_isa_objects = objects
         super().build_extension(ext)
+
+
+# torch's builder hands MAX_JOBS to ninja; unset, ninja runs 3 jobs on 2 cores and, with no
+# timings from an earlier build, started the longest file (the bindings) last. With every
+# file at once the 2-core build's critical path is that file alone.
+os.environ.setdefault("MAX_JOBS", str((os.cpu_count() or 1) + 2))
 
 
 def get_extensions():

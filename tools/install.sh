@@ -8,8 +8,10 @@
 #   PYTHON                          interpreter that creates the venv (default: python3)
 #   UNIP_V2_SYSTEM_SITE_PACKAGES=1  create the venv with --system-site-packages (machines
 #                                   with torch preinstalled and no package registry)
-#   UNIP_V2_TORCH_SPEC              what to pip-install when no working torch/torchvision is
+#   UNIP_V2_TORCH_SPEC              what to install when no working torch/torchvision is
 #                                   found (default: "torch==2.14.1 torchvision==0.29.2")
+#   UNIP_V2_INSTALLER=uv|pip        what installs the packages (default: uv, itself installed
+#                                   into the venv by pip; pip still fetches detectron2's sdist)
 #
 # Every step checks first and is skipped when already satisfied, so a second run installs
 # nothing and takes seconds. Each step prints one line: "[install] <step>: done|skipped".
@@ -35,7 +37,40 @@ start=$SECONDS
 # Each step's line ends with the seconds since the start, so a slow step shows itself.
 say() { echo "[install] $* [$((SECONDS - start)) s]"; }
 die() { echo "[install] ERROR: $*" >&2; exit 1; }
-pip_install() { "$PY" -m pip install -q -c "$CONSTRAINTS" "$@"; }
+INSTALLER="${UNIP_V2_INSTALLER:-uv}"
+case "$INSTALLER" in uv|pip) ;; *) die "UNIP_V2_INSTALLER must be uv or pip, not '$INSTALLER'" ;; esac
+# uv, not pip, by default: it unpacks and links wheels in parallel, so the 5.5 GB torch step
+# takes about 25 s instead of pip's 120 s (measured here, both with nothing cached). uv does not
+# read pip's configuration, so the indexes and find-links pip is configured with (pip.conf,
+# PIP_* variables) are handed to it, and it picks the best version across all of them as pip
+# does (--index-strategy unsafe-best-match; uv's default takes a package from the first index
+# that has it).
+UV_ARGS=()
+uv_args_from_pip_config() {
+    local key value v index_url="" env_index_url=""
+    # lines such as global.extra-index-url='file:///a file:///b' or :env:.index-url='...'
+    while IFS='=' read -r key value; do
+        value="${value#\'}"; value="${value%\'}"
+        case "$key" in
+            :env:.index-url) env_index_url="$value" ;;   # PIP_INDEX_URL wins, as in pip
+            *.index-url) [[ "$key" == *extra-index-url ]] || index_url="$value" ;;
+        esac
+        case "$key" in
+            *.extra-index-url) for v in $value; do UV_ARGS+=(--extra-index-url "$v"); done ;;
+            *.find-links) for v in $value; do UV_ARGS+=(--find-links "$v"); done ;;
+        esac
+    done < <("$PY" -m pip config list 2>/dev/null)
+    index_url="${env_index_url:-$index_url}"
+    [ -z "$index_url" ] || UV_ARGS+=(--index-url "$index_url")
+    UV_ARGS+=(--index-strategy unsafe-best-match)
+}
+pip_install() {
+    if [ "$INSTALLER" = uv ]; then
+        "$VENV/bin/uv" pip install -q --python "$PY" -c "$CONSTRAINTS" "${UV_ARGS[@]}" "$@"
+    else
+        "$PY" -m pip install -q -c "$CONSTRAINTS" "$@"
+    fi
+}
 
 # Prints the requirements (arguments) that the venv does not satisfy, one per line.
 unsatisfied() {
@@ -124,13 +159,17 @@ else
 fi
 
 # 2. build tools ---------------------------------------------------------------------------
-mapfile -t missing < <(unsatisfied "pip>=23.2,<25.1" "setuptools>=64" wheel ninja)
+build_tools=("pip>=23.2,<25.1" "setuptools>=64" wheel ninja)
+[ "$INSTALLER" = uv ] && build_tools+=("uv>=0.5")
+mapfile -t missing < <(unsatisfied "${build_tools[@]}")
 if [ "${#missing[@]}" -eq 0 ]; then
-    say "2/7 pip/setuptools/wheel/ninja: skipped (present)"
+    say "2/7 ${build_tools[*]}: skipped (present)"
 else
-    pip_install "${missing[@]}"
-    say "2/7 pip/setuptools/wheel/ninja: done (${missing[*]})"
+    # pip here: it installs uv
+    "$PY" -m pip install -q -c "$CONSTRAINTS" "${missing[@]}"
+    say "2/7 ${build_tools[*]}: done (${missing[*]})"
 fi
+[ "$INSTALLER" = uv ] && uv_args_from_pip_config
 
 # 3. torch + torchvision -------------------------------------------------------------------
 [ "$STALE" = 1 ] && { probe; STALE=0; }
@@ -232,8 +271,10 @@ else
     # Compiled once, here, into $EXT_BUILD, where the next run finds up-to-date objects;
     # UNIP_V2_SKIP_EXTENSION keeps pip from compiling it again in a throw-away directory.
     build_inplace >/dev/null
-    UNIP_V2_SKIP_EXTENSION=1 pip_install --no-build-isolation --no-deps --use-pep517 -e .
-    say "7/7 unip-v2: done (pip install -e ., unip_v2._C compiled)"
+    pep517=()
+    [ "$INSTALLER" = pip ] && pep517=(--use-pep517)   # uv always builds through PEP 517
+    UNIP_V2_SKIP_EXTENSION=1 pip_install --no-build-isolation --no-deps "${pep517[@]}" -e .
+    say "7/7 unip-v2: done ($INSTALLER pip install -e ., unip_v2._C compiled)"
 fi
 
 (cd / && "$PY" -c "import unip_v2; from unip_v2 import _C") \
