@@ -51,13 +51,11 @@ uv_args_from_pip_config() {
     # lines such as global.extra-index-url='file:///a file:///b' or :env:.index-url='...'
     while IFS='=' read -r key value; do
         value="${value#\'}"; value="${value%\'}"
-        case "$key" in
-            :env:.index-url) env_index_url="$value" ;;   # PIP_INDEX_URL wins, as in pip
-            *.index-url) [[ "$key" == *extra-index-url ]] || index_url="$value" ;;
-        esac
-        case "$key" in
+        case "$key" in   # the first pattern that matches wins
             *.extra-index-url) for v in $value; do UV_ARGS+=(--extra-index-url "$v"); done ;;
             *.find-links) for v in $value; do UV_ARGS+=(--find-links "$v"); done ;;
+            :env:.index-url) env_index_url="$value" ;;   # PIP_INDEX_URL wins, as in pip
+            *.index-url) index_url="$value" ;;
         esac
     done < <("$PY" -m pip config list 2>/dev/null)
     index_url="${env_index_url:-$index_url}"
